@@ -1,0 +1,44 @@
+"""hf_reshape: swap a Hugging Face model's self-attention for a sparse, low-rank or linearized variant in one call.
+
+```python
+import hf_reshape
+model = hf_reshape.reshape(model, "sliding_window", window=64)
+```
+"""
+
+__version__ = "0.1.0"
+
+from . import functional, variants  # noqa: F401  (importing variants registers the built-ins)
+from .config import ReshapeConfig
+from .errors import (
+    InvalidParameterError,
+    NotCausalError,
+    ReshapeError,
+    SequenceTooLongError,
+    UnknownVariantError,
+    UnsupportedModelError,
+)
+from .integration import ATTN_IMPLEMENTATION
+from .registry import VariantParams, VariantSpec, get_variant, list_variants, register_variant
+from .reshape import from_pretrained, get_reshape_config, reshape, unreshape
+
+__all__ = [
+    "ATTN_IMPLEMENTATION",
+    "InvalidParameterError",
+    "NotCausalError",
+    "ReshapeConfig",
+    "ReshapeError",
+    "SequenceTooLongError",
+    "UnknownVariantError",
+    "UnsupportedModelError",
+    "VariantParams",
+    "VariantSpec",
+    "from_pretrained",
+    "functional",
+    "get_reshape_config",
+    "get_variant",
+    "list_variants",
+    "register_variant",
+    "reshape",
+    "unreshape",
+]

@@ -1,0 +1,40 @@
+"""Where the offline evaluation data lives, and small readers for it.
+
+The data is never copied into the project: it is read from ``$HF_RESHAPE_DATA`` or from ``../shared/data``
+next to the working directory or the source checkout (see that folder's README for provenance).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+
+def data_dir() -> Path | None:
+    env = os.environ.get("HF_RESHAPE_DATA")
+    candidates = [Path(env)] if env else []
+    here = Path(__file__).resolve().parent
+    candidates += [Path.cwd() / ".." / "shared" / "data", here.parent.parent / "shared" / "data"]
+    for c in candidates:
+        if (c / "README.md").is_file():
+            return c.resolve()
+    return None
+
+
+def read_sst2(split: str = "dev", limit: int | None = None, path: str | os.PathLike | None = None) -> list[tuple[str, int]]:
+    """GLUE SST-2 rows ``(sentence, label)`` from a TSV file (tab-separated, header, no quoting)."""
+    if path is None:
+        root = data_dir()
+        if root is None:
+            raise FileNotFoundError("SST-2 not found: set HF_RESHAPE_DATA to the folder holding sst2/")
+        path = root / "sst2" / f"{split}.tsv"
+    rows = []
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        next(reader)
+        for sentence, label in reader:
+            rows.append((sentence.strip(), int(label)))
+            if limit is not None and len(rows) >= limit:
+                break
+    return rows

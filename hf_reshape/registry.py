@@ -1,0 +1,156 @@
+"""The variant registry: one :class:`VariantSpec` per attention variant, added with :func:`register_variant`.
+
+Built-in variants register themselves when :mod:`hf_reshape.variants` is imported; tests and the benchmark are
+parametrized straight from :func:`list_variants`. (Pattern after timm's ``@register_model`` and PEFT's
+``register_peft_method``.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from .errors import InvalidParameterError, UnknownVariantError
+
+FAMILIES = ("sparse", "low_rank", "linear")
+# names transformers treats specially when they appear in an attention implementation name
+_RESERVED = ("flash", "sdpa", "flex_attention", "eager", "paged")
+
+
+@dataclass
+class VariantParams:
+    """Base class of every variant's parameters: a dataclass whose ``__post_init__`` validates each field."""
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:  # overridden by variants
+        pass
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+
+def check_int(name: str, value: Any, minimum: int = 1, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        accepted = f"an integer >= {minimum}" + (" or None" if optional else "")
+        raise InvalidParameterError(f"`{name}` must be {accepted}, got {value!r}")
+
+
+def check_float(name: str, value: Any, low: float = 0.0, low_inclusive: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and (value >= low if low_inclusive else value > low)
+    if not ok:
+        raise InvalidParameterError(f"`{name}` must be a number {'>=' if low_inclusive else '>'} {low}, got {value!r}")
+
+
+def check_choice(name: str, value: Any, choices) -> None:
+    if value not in choices:
+        raise InvalidParameterError(f"`{name}` must be one of {sorted(choices)}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """Everything hf_reshape knows about one variant.
+
+    Args:
+        name: registry key, lowercase ``[a-z0-9_]``.
+        family: one of ``"sparse"``, ``"low_rank"``, ``"linear"``.
+        params_cls: a :class:`VariantParams` dataclass (fields, defaults, validation, help metadata).
+        forward: fast path, ``forward(q, k, v, *, mask, causal, scaling, params, dropout, training, **state)``
+            returning ``[B, H, T_q, D_v]``.
+        reference: materialised reference with the same signature minus ``dropout``/``training``.
+        causal / bidirectional: which forms the variant supports.
+        init_state: ``init_state(params, *, num_heads, head_dim) -> dict[str, Tensor]`` for per-layer state;
+            ``nn.Parameter`` values are learned, plain tensors become (saved) buffers.
+        state_names: the keyword tensors ``forward`` expects.
+        degenerate: ``degenerate(T) -> dict`` of parameters under which the variant equals exact softmax at
+            length ``T`` (``None`` if there is no such setting).
+        prepare_params: ``prepare_params(params, model_facts) -> params`` fills model-dependent defaults
+            (e.g. Linformer's ``max_length``) at reshape time.
+        complexity: time complexity as shown in the README.
+        quadratic: whether the fast path materialises a ``T x T`` tensor.
+        small_params: parameters that make the variant non-trivial on short sequences (tests, smoke runs).
+    """
+
+    name: str
+    family: str
+    params_cls: type
+    forward: Callable[..., torch.Tensor]
+    reference: Callable[..., torch.Tensor]
+    causal: bool = True
+    bidirectional: bool = True
+    init_state: Callable[..., dict] | None = None
+    state_names: tuple[str, ...] = ()
+    degenerate: Callable[[int], dict] | None = None
+    prepare_params: Callable[..., Any] | None = None
+    complexity: str = ""
+    quadratic: bool = True
+    description: str = ""
+    paper: str = ""
+    small_params: dict = field(default_factory=dict)
+
+
+_REGISTRY: dict[str, VariantSpec] = {}
+
+
+def register_variant(spec: VariantSpec | None = None, /, **kwargs) -> VariantSpec:
+    """Add a variant to the registry, from a :class:`VariantSpec` or its keyword arguments.
+
+    Raises ``ValueError`` on a malformed or reserved name, an unknown family, a duplicate, or a params class that
+    is not a :class:`VariantParams` dataclass.
+    """
+    if spec is None:
+        spec = VariantSpec(**kwargs)
+    elif kwargs:
+        raise TypeError("pass either a VariantSpec or its keyword arguments, not both")
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", spec.name) or any(r in spec.name for r in _RESERVED):
+        raise ValueError(
+            f"variant name {spec.name!r} must match [a-z][a-z0-9_]* and not contain any of {list(_RESERVED)}"
+        )
+    if spec.name in _REGISTRY:
+        raise ValueError(f"variant {spec.name!r} is already registered; registered variants: {list_variants()}")
+    if spec.family not in FAMILIES:
+        raise ValueError(f"family must be one of {list(FAMILIES)}, got {spec.family!r}")
+    if not (isinstance(spec.params_cls, type) and issubclass(spec.params_cls, VariantParams)):
+        raise ValueError("params_cls must be a subclass of hf_reshape.registry.VariantParams")
+    if not (spec.causal or spec.bidirectional):
+        raise ValueError("a variant must support the causal form, the bidirectional form, or both")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def unregister_variant(name: str) -> None:
+    get_variant(name)
+    del _REGISTRY[name]
+
+
+def list_variants() -> list[str]:
+    """Names of all registered variants, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_variant(name: str) -> VariantSpec:
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise UnknownVariantError(f"unknown variant {name!r}; registered variants: {list_variants()}") from None
+
+
+def make_params(spec: VariantSpec, params: dict[str, Any]) -> VariantParams:
+    """Build validated parameters, refusing unknown names with the list of accepted ones."""
+    accepted = spec.params_cls.field_names()
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        raise InvalidParameterError(f"unknown parameter(s) {unknown} for variant {spec.name!r}; accepted: {accepted}")
+    return spec.params_cls(**params)

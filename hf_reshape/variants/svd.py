@@ -1,0 +1,38 @@
+"""``svd``: the exact attention matrix truncated to its top ``rank`` singular values (an analysis baseline)."""
+
+from dataclasses import dataclass, field
+
+from ..ops import low_rank, naive
+from ..registry import VariantParams, check_int, register_variant
+
+
+@dataclass
+class SVDParams(VariantParams):
+    rank: int = field(default=32, metadata={"help": "singular values kept per head"})
+
+    def validate(self):
+        check_int("rank", self.rank)
+
+
+def _forward(q, k, v, *, mask, causal, scaling, params, dropout=0.0, training=False):
+    return low_rank.svd_attention(q, k, v, mask=mask, scaling=scaling, rank=params.rank, dropout=dropout, training=training)
+
+
+def _reference(q, k, v, *, mask, causal, scaling, params):
+    return naive.svd_reference(q, k, v, mask=mask, scaling=scaling, rank=params.rank)
+
+
+register_variant(
+    name="svd",
+    family="low_rank",
+    params_cls=SVDParams,
+    forward=_forward,
+    reference=_reference,
+    causal=False,
+    degenerate=lambda t: {"rank": t},
+    complexity="O(T^3) time (SVD of the T x T matrix), O(T^2) memory",
+    quadratic=True,
+    description="attention matrix truncated to its top singular values (analysis baseline)",
+    small_params={"rank": 4},
+    paper="Eckart-Young; used as the low-rank baseline in Wang et al. 2020 (Linformer), Sec. 3",
+)
