@@ -41,6 +41,19 @@ class ReshapedAttention(nn.Module):
     def extra_repr(self) -> str:
         return f"method={self.method!r}, " + ", ".join(f"{k}={v!r}" for k, v in self.params.to_dict().items())
 
+    def park_recurrent_state(self, layer, key: torch.Tensor) -> None:
+        """Called by a recurrent cache layer's ``update`` (see :mod:`hf_reshape.cache`): hand ``layer`` to the
+        attention call that receives exactly the tensor ``key``. Kept out of ``_modules``/``state_dict``."""
+        self.__dict__["_hf_reshape_parked"] = (layer, key)
+
+    def take_recurrent_state(self, key: torch.Tensor):
+        """Pop the parked cache layer if it was parked for this very ``key`` tensor, else drop it and return None
+        (a plain forward never sees state left over from an interrupted step)."""
+        parked = self.__dict__.pop("_hf_reshape_parked", None)
+        if parked is None or parked[1] is not key:
+            return None
+        return parked[0]
+
     def forward(self, query, key, value, mask, causal: bool, scaling: float, dropout: float = 0.0):
         spec = get_variant(self.method)
         check_form(spec, causal)
@@ -84,11 +97,20 @@ def hf_reshape_attention_forward(
                 f"got a {attention_mask.dim()}D mask. Pass a 2D `attention_mask` to the model, not a prepared 4D one."
             )
         attention_mask = attention_mask.to(torch.bool)
+        if attention_mask.shape[-1] > key.shape[-2]:
+            # one mask serves every layer: sized for a layer that keeps all keys, it covers all tokens seen, while
+            # a bounded cache layer (hf_reshape.cache) hands over only the last T_k keys
+            attention_mask = attention_mask[:, -key.shape[-2] :]
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     causal = bool(getattr(module, "is_causal", False))
     reshaped = getattr(module, STATE_ATTR, None)
     if isinstance(reshaped, ReshapedAttention):
-        out = reshaped(query, key, value, attention_mask, causal, scaling, dropout)
+        recurrent = reshaped.take_recurrent_state(key)
+        if recurrent is not None:
+            # generation with a ReshapeCache: attend over the running state, then fold the new keys into it
+            out = recurrent.attend(query, key, value, attention_mask, reshaped.params)
+        else:
+            out = reshaped(query, key, value, attention_mask, causal, scaling, dropout)
     else:
         out = exact_attention(query, key, value, attention_mask, causal, scaling, dropout, module.training)
     return out.transpose(1, 2).contiguous(), None

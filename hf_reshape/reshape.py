@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .architectures import get_architecture, model_facts, self_attention_modules
+from .cache import install_generation_hook, remove_generation_hook
 from .config import MODEL_CONFIG_KEY, ReshapeConfig, resolve_file
 from .errors import InvalidParameterError, NotCausalError
 from .functional import check_form
@@ -78,6 +79,7 @@ def reshape(model: nn.Module, method_or_config: str | ReshapeConfig, *, layers: 
         setattr(model, _ORIGINAL_ATTR, model.config._attn_implementation)
     setattr(model.config, MODEL_CONFIG_KEY, cfg.to_dict())
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    install_generation_hook(model)  # generate() then picks a ReshapeCache (hf_reshape.cache) by itself
     return model
 
 
@@ -90,6 +92,7 @@ def _strip(model: nn.Module) -> None:
 def unreshape(model: nn.Module) -> nn.Module:
     """Remove every reshaped attention and restore the attention implementation the model had before."""
     _strip(model)
+    remove_generation_hook(model)
     original = getattr(model, _ORIGINAL_ATTR, None) or "sdpa"
     if hasattr(model, _ORIGINAL_ATTR):
         delattr(model, _ORIGINAL_ATTR)
