@@ -9,6 +9,7 @@ model = hf_reshape.reshape(model, "sliding_window", window=64)
 __version__ = "0.1.0"
 
 from . import functional, variants  # noqa: F401  (importing variants registers the built-ins)
+from .cache import ReshapeCache
 from .config import ReshapeConfig
 from .errors import (
     InvalidParameterError,
@@ -26,6 +27,7 @@ __all__ = [
     "ATTN_IMPLEMENTATION",
     "InvalidParameterError",
     "NotCausalError",
+    "ReshapeCache",
     "ReshapeConfig",
     "ReshapeError",
     "SequenceTooLongError",
