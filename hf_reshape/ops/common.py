@@ -66,6 +66,26 @@ def masked_softmax(scores: torch.Tensor, allowed: torch.Tensor | None, dim: int 
     return weights / torch.where(denom > 0, denom, torch.ones_like(denom))
 
 
+def padding_or_none(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """``mask`` if it pads some key, else ``None``: an all-True mask (what a tokenizer returns for an unpadded
+    batch) means no padding, and the unpadded fast paths share one mask across sequences or need none. Costs
+    one device-to-host sync on an accelerator, far less than the masked work it saves."""
+    if mask is None or bool(mask.all()):
+        return None
+    return mask
+
+
+def autograd_records(t: torch.Tensor) -> bool:
+    """Whether autograd is recording ops on ``t``: if not, the fast paths may reuse its memory in place (fresh
+    memory costs page faults on first touch, a large share of these memory-bound ops on CPU)."""
+    return torch.is_grad_enabled() and t.requires_grad
+
+
+def zero_rows(out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``out.masked_fill(rows, 0)``, in place when autograd does not record ``out`` (a fresh result of ours)."""
+    return out.masked_fill(rows, 0.0) if autograd_records(out) else out.masked_fill_(rows, 0.0)
+
+
 def token_ranks(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For a key-padding mask ``[B, T]``: the rank of each real token among real tokens (pads get 0) and the
     number of real tokens per row ``[B]``. Ranks make position-dependent maths (Linformer's projection,

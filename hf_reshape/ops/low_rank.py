@@ -9,13 +9,18 @@
   cost ``O(T m)``.
 * SVD: the exact attention matrix truncated to its top ``rank`` singular values; ``O(T^2)`` by nature,
   an analysis baseline.
+
+Linformer's and Nyström's wide softmax products (``[T, k]``, ``[T, m]``, ``[m, T]``) run through
+``F.scaled_dot_product_attention``: one fused kernel each, and backward recomputes the probabilities instead
+of keeping them. Dropout, which acts on Linformer's probabilities, takes the explicit path.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from .common import allowed_mask, dropout_probs, masked_softmax, token_ranks, upcast
+from .common import dropout_probs, masked_softmax, padding_or_none, token_ranks, upcast, zero_rows
 
 
 def _check_square(q, k, name):
@@ -25,6 +30,7 @@ def _check_square(q, k, name):
 
 def linformer_attention(q, k, v, *, mask=None, scaling, proj_k, proj_v, dropout=0.0, training=False):
     _check_square(q, k, "linformer")
+    mask = padding_or_none(mask)
     bsz, t = q.shape[0], k.shape[-2]
     proj_k, proj_v = proj_k.to(k.dtype), proj_v.to(v.dtype)
     if mask is None:
@@ -36,12 +42,26 @@ def linformer_attention(q, k, v, *, mask=None, scaling, proj_k, proj_v, dropout=
         # E_eff[b, :, j] = E[:, rank of token j] for real tokens, 0 for pads
         e = proj_k[:, ranks].transpose(0, 1) * keep  # [B, P, T]
         f = proj_v[:, ranks].transpose(0, 1) * keep
-    kp = torch.einsum("bpt,bhtd->bhpd", e, k)  # [B, H, P, D]
-    vp = torch.einsum("bpt,bhtd->bhpd", f, v)
+    # broadcast over heads: matmul batches this without copying E per head (einsum would copy k and v instead)
+    kp = torch.matmul(e[:, None], k)  # [B, H, P, D]
+    vp = torch.matmul(f[:, None], v)
     valid = (e != 0).any(-1)  # [B, P]: projected keys that received a real token
-    scores = torch.matmul(q, kp.transpose(-1, -2)) * scaling  # [B, H, T, P]
-    probs = masked_softmax(scores, valid[:, None, None, :])
-    return torch.matmul(dropout_probs(probs, dropout, training), vp)
+    if dropout > 0.0 and training:
+        # dropout acts on the probabilities, which SDPA does not expose
+        scores = torch.matmul(q, kp.transpose(-1, -2)) * scaling  # [B, H, T, P]
+        probs = masked_softmax(scores, valid[:, None, None, :])
+        return torch.matmul(dropout_probs(probs, dropout, training), vp)
+    # SDPA's fused kernel never stores the [B, H, T, P] scores or probabilities (backward recomputes them)
+    return _sdpa_rows_may_be_empty(q, kp, vp, valid[:, None, None, :], scaling)
+
+
+def _sdpa_rows_may_be_empty(q, k, v, allowed, scaling):
+    """``F.scaled_dot_product_attention`` with a 4D bool ``allowed`` mask (the CPU flash kernel takes 2D or 4D
+    masks only) whose fully masked rows give zeros. torch's backends do not all agree on such rows (NaN on some),
+    so they are given every key and zeroed after, as ``integration.exact_attention`` does."""
+    empty = ~allowed.any(-1, keepdim=True)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | empty, scale=scaling)
+    return zero_rows(out, empty)
 
 
 def newton_schulz_pinv(a, iterations, valid=None):
@@ -49,21 +69,54 @@ def newton_schulz_pinv(a, iterations, valid=None):
     by its own norms so a batch element never depends on another. ``iterations=0`` gives the exact pinv."""
     if iterations == 0:
         return torch.linalg.pinv(a)
-    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
-    scale = a.abs().sum(-2).amax(-1) * a.abs().sum(-1).amax(-1)  # [...]
-    z = a.transpose(-1, -2) / scale.clamp_min(torch.finfo(a.dtype).tiny)[..., None, None]
+    shape, m = a.shape, a.shape[-1]
+    a = a.reshape(-1, m, m)
+    eye15 = torch.eye(m, dtype=a.dtype, device=a.device) * 15
+    mag = a.abs()
+    scale = mag.sum(-2).amax(-1) * mag.sum(-1).amax(-1)  # [N]
+    z = a.transpose(-1, -2) / scale.clamp_min(torch.finfo(a.dtype).tiny)[:, None, None]
     for _ in range(iterations):
-        az = a @ z
-        z = 0.25 * z @ (13 * eye - az @ (15 * eye - az @ (7 * eye - az)))
-    return z
+        # z <- 0.25 z (13 I - az (15 I - az (7 I - az))) = 3.25 z - 0.25 z (15 az - 7 az^2 + az^3), written as
+        # fused multiply-adds. The [m, m] steps are launch-bound (on a GPU too, and on a loaded CPU each
+        # multi-threaded launch can cost a scheduler tick), so the count of ops matters more than their flops.
+        az = torch.bmm(a, z)
+        inner = torch.add(eye15, az, alpha=-7).baddbmm_(az, az)  # 15 I - 7 az + az^2 (add's output is not saved)
+        z = torch.baddbmm(z, z, torch.bmm(az, inner), beta=3.25, alpha=-0.25)
+    return z.reshape(shape)
 
 
 def nystrom_attention(q, k, v, *, mask=None, scaling, num_landmarks, pinv_iterations=6):
+    """``softmax(Q Kl^T) pinv(softmax(Ql Kl^T)) softmax(Ql K^T) V``, evaluated right to left so that only
+    ``[m, T]``-sized work touches the sequence: the two wide softmax products are SDPA calls (fused kernels
+    that keep neither ``[T, m]`` nor ``[m, T]`` probabilities for backward), the ``[m, m]`` middle is explicit."""
     _check_square(q, k, "nystrom")
+    mask = padding_or_none(mask)
     out_dtype = v.dtype
     q, k, v = upcast(q, k, v)
     bsz, h, t, d = q.shape
     m = num_landmarks
+    if mask is None and t % m == 0:
+        # equal segments of consecutive tokens, every landmark non-empty: plain means of a view, no masks
+        ql = q.reshape(bsz, h, m, t // m, d).mean(-2)  # [B, H, m, D]
+        kl = k.reshape(bsz, h, m, t // m, d).mean(-2)
+        kv = F.scaled_dot_product_attention(ql, k, v, scale=scaling)  # softmax(Ql K^T) V: [B, H, m, Dv]
+        k2 = torch.softmax(torch.matmul(ql, kl.transpose(-1, -2)) * scaling, -1)  # [B, H, m, m]
+        w = torch.matmul(newton_schulz_pinv(k2, pinv_iterations), kv)  # [B, H, m, Dv]
+        return F.scaled_dot_product_attention(q, kl, w, scale=scaling).to(out_dtype)  # softmax(Q Kl^T) W
+    ql, kl, has = _segment_means(q, k, mask, m)
+    rows = has[:, None, :, None]  # [B, 1, m, 1]: landmark rows; one with no token stays zero
+    allowed = rows if mask is None else rows & mask[:, None, None, :]  # [B, 1, m, 1 or T]
+    kv = _sdpa_rows_may_be_empty(ql, k, v, allowed, scaling)  # [B, H, m, Dv]
+    lm = has[:, None, None, :]  # [B, 1, 1, m]: landmark columns
+    k2 = masked_softmax(torch.matmul(ql, kl.transpose(-1, -2)) * scaling, lm & rows)  # [B, H, m, m]
+    w = torch.matmul(newton_schulz_pinv(k2, pinv_iterations), kv)  # [B, H, m, Dv]
+    return _sdpa_rows_may_be_empty(q, kl, w, lm, scaling).to(out_dtype)  # [B, H, T, Dv]
+
+
+def _segment_means(q, k, mask, m):
+    """Landmarks: means of the real tokens of each of ``m`` segments (by rank among real tokens), and which
+    segments received a token ``[B, m]``."""
+    bsz, h, t, d = q.shape
     if mask is None:
         mask = torch.ones(bsz, t, dtype=torch.bool, device=q.device)
     ranks, n = token_ranks(mask)
@@ -74,15 +127,8 @@ def nystrom_attention(q, k, v, *, mask=None, scaling, num_landmarks, pinv_iterat
     q_sum = torch.zeros(bsz, h, m + 1, d, dtype=q.dtype, device=q.device).scatter_add_(2, index, q)
     k_sum = torch.zeros(bsz, h, m + 1, d, dtype=q.dtype, device=q.device).scatter_add_(2, index, k)
     counts, q_sum, k_sum = counts[:, :m], q_sum[:, :, :m], k_sum[:, :, :m]
-    has = counts > 0  # [B, m]
     denom = counts.clamp_min(1)[:, None, :, None]
-    ql, kl = q_sum / denom, k_sum / denom  # [B, H, m, D]
-    lm = has[:, None, None, :]  # landmark columns
-    k1 = masked_softmax(torch.matmul(q, kl.transpose(-1, -2)) * scaling, lm)  # [B, H, T, m]
-    k2 = masked_softmax(torch.matmul(ql, kl.transpose(-1, -2)) * scaling, lm & has[:, None, :, None])  # [B, H, m, m]
-    k3 = masked_softmax(torch.matmul(ql, k.transpose(-1, -2)) * scaling, mask[:, None, None, :] & has[:, None, :, None])
-    out = torch.matmul(k1, torch.matmul(newton_schulz_pinv(k2, pinv_iterations), torch.matmul(k3, v)))
-    return out.to(out_dtype)
+    return q_sum / denom, k_sum / denom, counts > 0  # [B, H, m, D] twice, [B, m]
 
 
 def _truncated(p, rank):
