@@ -15,7 +15,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from .functional import check_form
-from .ops.common import allowed_mask
+from .ops.common import allowed_mask, sdpa_zero_empty_rows
 from .registry import VariantParams, get_variant
 
 ATTN_IMPLEMENTATION = "hf_reshape"
@@ -72,11 +72,7 @@ def exact_attention(query, key, value, mask, causal, scaling, dropout=0.0, train
             query, key, value, dropout_p=dropout if training else 0.0, is_causal=causal and t_q > 1, scale=scaling
         )
     allowed = allowed_mask(mask, t_q, t_k, causal, query.device)
-    empty = ~allowed.any(-1, keepdim=True)
-    out = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=allowed | empty, dropout_p=dropout if training else 0.0, scale=scaling
-    )
-    return out.masked_fill(empty, 0.0)
+    return sdpa_zero_empty_rows(query, key, value, allowed, scaling, dropout_p=dropout if training else 0.0)
 
 
 def hf_reshape_attention_forward(

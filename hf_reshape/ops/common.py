@@ -99,3 +99,14 @@ def dropout_probs(probs: torch.Tensor, dropout: float, training: bool) -> torch.
     if dropout > 0.0 and training:
         return torch.nn.functional.dropout(probs, p=dropout, training=True)
     return probs
+
+
+def sdpa_zero_empty_rows(q, k, v, allowed, scaling, dropout_p=0.0):
+    """``F.scaled_dot_product_attention`` with a bool ``allowed`` mask whose fully masked rows give zeros.
+    torch's backends do not all agree on such rows (NaN on some), so they are given every key and zeroed after.
+    Pass a 2D or 4D mask: the CPU flash kernel takes those, a 3D one falls back to the math kernel."""
+    empty = ~allowed.any(-1, keepdim=True)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=allowed | empty, dropout_p=dropout_p, scale=scaling
+    )
+    return zero_rows(out, empty)

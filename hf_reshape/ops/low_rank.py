@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import dropout_probs, masked_softmax, padding_or_none, token_ranks, upcast, zero_rows
+from .common import dropout_probs, masked_softmax, padding_or_none, sdpa_zero_empty_rows, token_ranks, upcast
 
 
 def _check_square(q, k, name):
@@ -52,16 +52,7 @@ def linformer_attention(q, k, v, *, mask=None, scaling, proj_k, proj_v, dropout=
         probs = masked_softmax(scores, valid[:, None, None, :])
         return torch.matmul(dropout_probs(probs, dropout, training), vp)
     # SDPA's fused kernel never stores the [B, H, T, P] scores or probabilities (backward recomputes them)
-    return _sdpa_rows_may_be_empty(q, kp, vp, valid[:, None, None, :], scaling)
-
-
-def _sdpa_rows_may_be_empty(q, k, v, allowed, scaling):
-    """``F.scaled_dot_product_attention`` with a 4D bool ``allowed`` mask (the CPU flash kernel takes 2D or 4D
-    masks only) whose fully masked rows give zeros. torch's backends do not all agree on such rows (NaN on some),
-    so they are given every key and zeroed after, as ``integration.exact_attention`` does."""
-    empty = ~allowed.any(-1, keepdim=True)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | empty, scale=scaling)
-    return zero_rows(out, empty)
+    return sdpa_zero_empty_rows(q, kp, vp, valid[:, None, None, :], scaling)
 
 
 def newton_schulz_pinv(a, iterations, valid=None):
@@ -106,11 +97,11 @@ def nystrom_attention(q, k, v, *, mask=None, scaling, num_landmarks, pinv_iterat
     ql, kl, has = _segment_means(q, k, mask, m)
     rows = has[:, None, :, None]  # [B, 1, m, 1]: landmark rows; one with no token stays zero
     allowed = rows if mask is None else rows & mask[:, None, None, :]  # [B, 1, m, 1 or T]
-    kv = _sdpa_rows_may_be_empty(ql, k, v, allowed, scaling)  # [B, H, m, Dv]
+    kv = sdpa_zero_empty_rows(ql, k, v, allowed, scaling)  # [B, H, m, Dv]
     lm = has[:, None, None, :]  # [B, 1, 1, m]: landmark columns
     k2 = masked_softmax(torch.matmul(ql, kl.transpose(-1, -2)) * scaling, lm & rows)  # [B, H, m, m]
     w = torch.matmul(newton_schulz_pinv(k2, pinv_iterations), kv)  # [B, H, m, Dv]
-    return _sdpa_rows_may_be_empty(q, kl, w, lm, scaling).to(out_dtype)  # [B, H, T, Dv]
+    return sdpa_zero_empty_rows(q, kl, w, lm, scaling).to(out_dtype)  # [B, H, T, Dv]
 
 
 def _segment_means(q, k, mask, m):

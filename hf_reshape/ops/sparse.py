@@ -19,7 +19,14 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .common import allowed_mask, causal_offset, dropout_probs, masked_softmax, padding_or_none, zero_rows
+from .common import (
+    allowed_mask,
+    causal_offset,
+    dropout_probs,
+    masked_softmax,
+    padding_or_none,
+    sdpa_zero_empty_rows,
+)
 
 # per-group temporaries (scores, masks, key-window gradients) are kept under this many elements: bounds peak
 # memory at long T
@@ -142,8 +149,7 @@ def _window_sdpa(q, k, v, key_ok, band, scaling):
     one 2D ``[blk, span]`` mask and read the keys in place; the few edge blocks (and every block of a padded
     sequence) get zero-padded keys and a 4D mask (the CPU flash kernel takes 2D or 4D masks; a 3D one falls
     back to the math kernel). A query whose window holds no real key would be a fully masked row, which torch's
-    backends do not all treat alike: such rows are given every key and zeroed after, as
-    ``integration.exact_attention`` does.
+    backends do not all treat alike: such rows go through ``common.sdpa_zero_empty_rows``.
     """
     pattern = band.pattern.to(q.device)
     # Blocks go to SDPA in groups: a 4D mask costs blk * span per block, and with autograd on, SDPA's backward
@@ -178,9 +184,7 @@ def _window_sdpa(q, k, v, key_ok, band, scaling):
             if rows_see_a_key:
                 pieces.append(F.scaled_dot_product_attention(qb, kb, vb, attn_mask=allowed, scale=scaling))
                 continue
-            empty = ~allowed.any(-1, keepdim=True)  # [1, g, blk, 1]
-            o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=allowed | empty, scale=scaling)
-            pieces.append(zero_rows(o, empty))
+            pieces.append(sdpa_zero_empty_rows(qb, kb, vb, allowed, scaling))
     out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, 1)  # [X, n, blk, Dv]
     return out.flatten(1, 2)[:, : band.t]
 
