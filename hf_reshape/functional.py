@@ -54,6 +54,16 @@ def _check_inputs(query, key, value, attention_mask):
     return attention_mask
 
 
+def _prepare(query, key, value, method, attention_mask, is_causal, scaling, params):
+    """Validate a functional call; return the spec and the keyword arguments its forward/reference take."""
+    spec = get_variant(method)
+    p, state = _split(spec, dict(params))
+    check_form(spec, is_causal)
+    mask = _check_inputs(query, key, value, attention_mask)
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    return spec, {"mask": mask, "causal": is_causal, "scaling": scaling, "params": p, **state}
+
+
 def attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -82,26 +92,15 @@ def attention(
     Returns:
         `torch.Tensor` of shape `[B, H, T_q, D_v]`; a query with no allowed key gets zeros.
     """
-    spec = get_variant(method)
-    p, state = _split(spec, dict(params))
-    check_form(spec, is_causal)
-    mask = _check_inputs(query, key, value, attention_mask)
-    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    return spec.forward(
-        query, key, value, mask=mask, causal=is_causal, scaling=scaling, params=p, dropout=dropout, training=training,
-        **state,
-    )
+    spec, call = _prepare(query, key, value, method, attention_mask, is_causal, scaling, params)
+    return spec.forward(query, key, value, dropout=dropout, training=training, **call)
 
 
 def reference(query, key, value, method, *, attention_mask=None, is_causal=False, scaling=None, **params):
     """The variant's plain, materialised reference (same arguments as :func:`attention`, no dropout). Slow: it
     builds the full `T_q x T_k` matrix; use it to check fast paths, in float64."""
-    spec = get_variant(method)
-    p, state = _split(spec, dict(params))
-    check_form(spec, is_causal)
-    mask = _check_inputs(query, key, value, attention_mask)
-    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    return spec.reference(query, key, value, mask=mask, causal=is_causal, scaling=scaling, params=p, **state)
+    spec, call = _prepare(query, key, value, method, attention_mask, is_causal, scaling, params)
+    return spec.reference(query, key, value, **call)
 
 
 def init_state(method: str, *, num_heads: int, head_dim: int, **params: Any) -> dict[str, torch.Tensor]:
