@@ -14,6 +14,11 @@ def _scores(q, k, scaling):
     return torch.matmul(q, k.transpose(-1, -2)) * scaling  # [B, H, T_q, T_k]
 
 
+def _real_tokens(mask, b, k):
+    """Indices of sequence ``b``'s real tokens (all of them without a mask)."""
+    return torch.arange(k.shape[-2], device=k.device) if mask is None else mask[b].nonzero().flatten()
+
+
 def softmax_reference(q, k, v, *, mask=None, causal=False, scaling):
     """Exact softmax attention with padding and causal masks; empty rows give zeros."""
     allowed = allowed_mask(mask, q.shape[-2], k.shape[-2], causal, q.device)
@@ -52,7 +57,7 @@ def linformer_reference(q, k, v, *, mask=None, scaling, proj_k, proj_v):
     over the projected keys that received at least one real token."""
     outs = []
     for b in range(q.shape[0]):
-        idx = torch.arange(k.shape[-2], device=k.device) if mask is None else mask[b].nonzero().flatten()
+        idx = _real_tokens(mask, b, k)
         n = idx.numel()
         e, f = proj_k[:, :n], proj_v[:, :n]  # [P, n]
         kp = torch.matmul(e, k[b][:, idx])  # [H, P, D]
@@ -80,7 +85,7 @@ def nystrom_reference(q, k, v, *, mask=None, scaling, num_landmarks, pinv_iterat
     real tokens of rank ``r`` with ``floor(r * m / n) == s``; empty landmarks are dropped."""
     outs = []
     for b in range(q.shape[0]):
-        idx = torch.arange(k.shape[-2], device=k.device) if mask is None else mask[b].nonzero().flatten()
+        idx = _real_tokens(mask, b, k)
         n = idx.numel()
         out = torch.zeros(q.shape[1], q.shape[2], v.shape[-1], dtype=v.dtype, device=v.device)
         if n > 0:
@@ -105,7 +110,7 @@ def svd_reference(q, k, v, *, mask=None, scaling, rank):
     ``P P^T`` (not an SVD). Padded queries get zeros."""
     outs = []
     for b in range(q.shape[0]):
-        idx = torch.arange(k.shape[-2], device=k.device) if mask is None else mask[b].nonzero().flatten()
+        idx = _real_tokens(mask, b, k)
         out = torch.zeros(q.shape[1], q.shape[2], v.shape[-1], dtype=v.dtype, device=v.device)
         if idx.numel():
             p = torch.softmax(_scores(q[b][:, idx], k[b][:, idx], scaling), -1)  # [H, n, n]
