@@ -12,7 +12,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from .registry import get_variant, list_variants
+from .registry import list_variants
 
 # Parameters that make each variant approximate at SST-2 lengths (~10-50 tokens) and at 512 tokens.
 DEMO_PARAMS = {

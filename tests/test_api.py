@@ -3,7 +3,6 @@ cross-attention, and every user-facing error."""
 
 import json
 import logging
-import os
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ import hf_reshape
 from hf_reshape import ReshapeConfig, functional as fn
 from hf_reshape.integration import STATE_ATTR
 
-from conftest import main_output, tiny_inputs, tiny_model
+from conftest import tiny_inputs, tiny_model
 
 
 # ---------- errors ----------

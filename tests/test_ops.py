@@ -1,7 +1,6 @@
 """Op level: every registered variant's fast path against its materialised float64 reference, exact softmax in
 the degenerate setting, padding, empty rows, causality, and no T x T tensor where the maths allows it."""
 
-from dataclasses import replace
 
 import pytest
 import torch
