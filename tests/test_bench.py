@@ -70,6 +70,8 @@ def test_quick_peers_and_models(quick_run):
     assert {r["tokens"] for r in rows if r["model"] == "bert"} == {32, 64}
     gen = [r for r in rows if r["model"] == "gpt2"]
     assert all(r["cache"] and r["prefill_s"] > 0 for r in gen)
+    # decoding after the short prompt is timed too: the per-token ratio long / short is reported
+    assert all(r["short_prompt"] == 4 and r["per_token_short_s"] > 0 and r["latency_growth"] > 0 for r in gen)
     memory = res["model"]["memory"]
     assert len(memory) == len(rows) and all(r["error"] is None for r in memory), memory
 

@@ -132,8 +132,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--bert-layers", type=int, default=2)
     g.add_argument("--vit-image", type=int, default=2048, help="ViT image side (pixels); 2048 -> 16385 tokens")
     g.add_argument("--vit-layers", type=int, default=2, help="ViT layers (ViT-B has 12)")
-    g.add_argument("--gpt2-prompt", type=int, default=1024)
-    g.add_argument("--gpt2-new", type=int, default=32)
+    g.add_argument("--gpt2-prompt", type=int, default=4000)
+    g.add_argument("--gpt2-new", type=int, default=256)
+    g.add_argument("--gpt2-short-prompt", type=int, default=100,
+                   help="also time decoding after this many prompt tokens (latency growth); 0: skip")
     g.add_argument("--gpt2-layers", type=int, default=12)
     return p
 
@@ -200,7 +202,8 @@ def run(args: argparse.Namespace, command: str = "hf-reshape bench") -> dict:
             mcfg = model_bench.ModelConfig(
                 models=tuple(args.models), bert_sizes=tuple(args.bert_T or (1024, 4096, 16384)),
                 bert_layers=args.bert_layers, vit_image=args.vit_image, vit_layers=args.vit_layers,
-                gpt2_prompt=args.gpt2_prompt, gpt2_new=args.gpt2_new, gpt2_layers=args.gpt2_layers,
+                gpt2_prompt=args.gpt2_prompt, gpt2_new=args.gpt2_new, gpt2_short_prompt=args.gpt2_short_prompt,
+                gpt2_layers=args.gpt2_layers,
                 variants=variants, caps=caps, quadratic_max_t=1 << 30,  # stock SDPA is the baseline: no cap
                 rounds=rounds, warmup=args.warmup)
         results["model"], memory_jobs = model_bench.run_timing(mcfg, say)

@@ -9,6 +9,9 @@
   ``generate`` of ``N`` new tokens after a ``P``-token prompt, with the KV cache ``generate`` picks (the
   report names its class: a reshaped model gets whatever cache hf_reshape registers for its variant). The time
   of ``generate`` with one new token is the prefill; ``(t_N - t_1) / (N - 1)`` is the time per decoded token.
+  The same is measured after a short prompt (``gpt2_short_prompt``, 100 tokens by default): the ratio of the two
+  per-token times says whether decoding slows down as the context grows (a KV cache does; an O(1) state should
+  not).
 
 Every candidate is its own copy of the same weights (reshaped once, outside the timed region), and the
 candidates are timed round-robin exactly as at op level.
@@ -39,8 +42,9 @@ class ModelConfig:
     vit_image: int = 2048
     vit_layers: int = 2
     vit_patch: int = 16
-    gpt2_prompt: int = 1024
-    gpt2_new: int = 32
+    gpt2_prompt: int = 4000
+    gpt2_new: int = 256
+    gpt2_short_prompt: int = 100  # 0: skip the short-prompt latency
     gpt2_layers: int = 12
     vocab: int | None = None  # None: each architecture's real vocabulary size
     variants: tuple[str, ...] | None = None
@@ -54,7 +58,7 @@ class ModelConfig:
 def quick_config(**overrides) -> ModelConfig:
     """Tiny shapes for smoke runs (seconds)."""
     base = dict(hidden=64, heads=4, intermediate=128, bert_sizes=(32, 64), bert_layers=2, vit_image=64, vit_layers=2,
-                gpt2_prompt=16, gpt2_new=4, gpt2_layers=2, vocab=1000, rounds=1, warmup=1, quick=True)
+                gpt2_prompt=16, gpt2_new=4, gpt2_short_prompt=4, gpt2_layers=2, vocab=1000, rounds=1, warmup=1, quick=True)
     base.update(overrides)
     return ModelConfig(**base)
 
@@ -165,10 +169,10 @@ def gpt2(cfg: ModelConfig, progress=None) -> tuple[list[dict], list]:
     ids = torch.randint(0, config.vocab_size, (1, p), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
 
-    def generate(m, new, **kw):
+    def generate(m, new, prompt=p, **kw):
         with torch.no_grad():
-            return m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
-                              do_sample=False, pad_token_id=config.eos_token_id, **kw)
+            return m.generate(input_ids=ids[:, :prompt], attention_mask=mask[:, :prompt], max_new_tokens=new,
+                              min_new_tokens=new, do_sample=False, pad_token_id=config.eos_token_id, **kw)
     cache = {}
     for name, m in models.items():
         out = generate(m, 2, return_dict_in_generate=True)
@@ -179,6 +183,11 @@ def gpt2(cfg: ModelConfig, progress=None) -> tuple[list[dict], list]:
     for name, m in models.items():
         calls[f"{name}|{n_new}"] = lambda m=m: generate(m, n_new)
         calls[f"{name}|1"] = lambda m=m: generate(m, 1)
+    short = cfg.gpt2_short_prompt if 0 < cfg.gpt2_short_prompt < p else 0
+    if short:
+        for name, m in models.items():
+            calls[f"{name}|short|{n_new}"] = lambda m=m: generate(m, n_new, short)
+            calls[f"{name}|short|1"] = lambda m=m: generate(m, 1, short)
     if progress:
         progress(f"model gpt2 prompt={p} new={n_new}: {', '.join(models)}")
     timings = interleaved(calls, cfg.rounds, cfg.warmup)
@@ -187,9 +196,9 @@ def gpt2(cfg: ModelConfig, progress=None) -> tuple[list[dict], list]:
     first = {name: timings[f"{name}|1"] for name in models}
 
 
-    def per_token(name):
+    def per_token(name, key=""):
         # per round: (time of N new tokens - time of 1) / (N - 1), i.e. the decode steps without the prefill
-        pairs = list(zip(full[name].times, first[name].times))
+        pairs = list(zip(timings[f"{name}|{key}{n_new}"].times, timings[f"{name}|{key}1"].times))
         if not pairs or n_new < 2:
             return None
         return statistics.median((a - b) / (n_new - 1) for a, b in pairs)
@@ -197,12 +206,16 @@ def gpt2(cfg: ModelConfig, progress=None) -> tuple[list[dict], list]:
     base_tok = per_token("sdpa")
     for name in models:
         tn, t1, tok = full[name].median, first[name].median, per_token(name)
+        tok_short = per_token(name, "short|") if short else None
         rows.append({
             "model": "gpt2", "tokens": p + n_new, "prompt": p, "new_tokens": n_new, "layers": cfg.gpt2_layers,
             "candidate": name, "cache": cache[name], "times_s": full[name].times, "median_s": tn,
             "prefill_s": t1, "per_token_s": tok, "error": full[name].error or first[name].error,
             "speedup_vs_sdpa": 1.0 if name == "sdpa" else paired_ratio(full["sdpa"], full[name]),
             "decode_speedup_vs_sdpa": (base_tok / tok) if tok and base_tok and tok > 0 and base_tok > 0 else None,
+            "short_prompt": short or None, "per_token_short_s": tok_short,
+            # per-token time after the long prompt / after the short one (> 1: decoding slows as context grows)
+            "latency_growth": (tok / tok_short) if tok and tok_short and tok > 0 and tok_short > 0 else None,
         })
     return rows, [("gpt2", p + n_new, name, calls[f"{name}|{n_new}"]) for name in models]
 

@@ -226,11 +226,16 @@ def to_markdown(results: dict) -> str:
                       f"tokens after a {r0['prompt']}-token prompt", ""]
             body = [[f"`{r['candidate']}`", r["cache"],
                      _ms(r["median_s"]) if r["median_s"] else (r.get("error") or "-"),
+                     "" if r["candidate"] == "sdpa" or r["speedup_vs_sdpa"] is None else f"{r['speedup_vs_sdpa']:.2f}x",
                      _ms(r["prefill_s"]), _ms(r["per_token_s"]),
                      "" if r["candidate"] == "sdpa" or r["decode_speedup_vs_sdpa"] is None
                      else f"{r['decode_speedup_vs_sdpa']:.2f}x",
+                     _ms(r.get("per_token_short_s")),
+                     "" if r.get("latency_growth") is None else f"{r['latency_growth']:.2f}",
                      _mib(mem.get(("gpt2", r["tokens"], r["candidate"])))] for r in dec]
-            lines += _table(["attention", "cache", "total ms", "prefill ms", "ms / new token", "decode x SDPA",
+            short = r0.get("short_prompt") or "-"
+            lines += _table(["attention", "cache", "total ms", "x SDPA", "prefill ms", "ms / new token",
+                             "decode x SDPA", f"ms / new token after {short}", f"per-token {r0['prompt']} / {short}",
                              "peak MiB"], body) + [""]
     return "\n".join(lines)
 
