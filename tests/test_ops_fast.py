@@ -48,6 +48,26 @@ def test_causal_linear_with_mask_gradcheck(t_q):
     assert torch.autograd.gradcheck(f, (q, k, v))
 
 
+@pytest.mark.parametrize("t_q", [11, 6], ids=["square", "cached-past"])
+def test_causal_linear_segments_gradcheck(monkeypatch, t_q):
+    """Long causal inputs run in segments that carry the running state: three segments of 4 rows (ragged last),
+    a padding mask and a decoder's past, against the reference and finite differences."""
+    monkeypatch.setattr(linear, "CAUSAL_SEGMENT_BYTES", 4 * 2 * 2 * 4 * 4)  # b=2, h=2, max(d, dv + 1)=4: 4 rows
+    b, h, t_k, d = 2, 2, 11, 3
+    q, k, v = rand(b, h, t_q, d, seed=26), rand(b, h, t_k, d, seed=27), rand(b, h, t_k, d, seed=28)
+    assert linear._causal_segment(q, d + 1, 2) == 4
+    mask = torch.ones(b, t_k, dtype=torch.bool)
+    mask[0, :2] = False
+    mask[1, 6:8] = False
+    phi = FEATURE_MAPS["elu"]
+
+    def f(q, k, v):
+        return linear.linear_attention(q, k, v, mask=mask, causal=True, phi=phi, chunk_size=2)
+
+    torch.testing.assert_close(f(q, k, v), naive.linear_reference(q, k, v, mask=mask, causal=True, phi=phi, eps=1e-6))
+    assert torch.autograd.gradcheck(f, (q, k, v))
+
+
 @pytest.mark.parametrize("fmap", ["elu", "relu"])
 @pytest.mark.parametrize("t_q,t_k", [(13, 13), (5, 11)], ids=["square", "cross"])
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])

@@ -29,10 +29,13 @@ from .common import (
 )
 
 # per-group temporaries (scores, masks, key-window gradients) are kept under this many elements: bounds peak
-# memory at long T, and at 16 MiB in fp32 they stay under glibc's 32 MiB ceiling for reusing freed heap memory
-# (a larger one is a fresh mmap whose pages fault in on every call). Sliding window fwd+bwd, T = 2048 -> 16384,
-# side by side: 2**24 gave time exponents 1.14 / 1.19 (bidirectional / causal), 2**22 gave 1.06 / 1.09.
-_MAX_SCORE_ELEMENTS = 1 << 22
+# memory at long T, and at 32 MiB in fp32 they stay at glibc's ceiling for reusing freed heap memory (a larger
+# one is a fresh mmap whose pages fault in on every call). Smaller groups overlap more (each group's key range
+# reaches span - blk keys into the next), and autograd keeps every group's key-range gradient until it stacks
+# them. Sliding window(256) fwd+bwd measured side by side, exponent T = 2048 -> 16384 (bidirectional / causal)
+# and peak at T = 32768 (bidirectional): 2**24 1.14 / 1.19, 953 MiB; 2**23 1.08 / 1.12, 896 MiB;
+# 2**22 1.04 / 1.03, 1023 MiB.
+_MAX_SCORE_ELEMENTS = 1 << 23
 
 
 def sliding_window_attention(
