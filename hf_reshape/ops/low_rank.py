@@ -42,9 +42,7 @@ def linformer_attention(q, k, v, *, mask=None, scaling, proj_k, proj_v, dropout=
         # E_eff[b, :, j] = E[:, rank of token j] for real tokens, 0 for pads
         e = proj_k[:, ranks].transpose(0, 1) * keep  # [B, P, T]
         f = proj_v[:, ranks].transpose(0, 1) * keep
-    # broadcast over heads: matmul batches this without copying E per head (einsum would copy k and v instead)
-    kp = torch.matmul(e[:, None], k)  # [B, H, P, D]
-    vp = torch.matmul(f[:, None], v)
+    kp, vp = _project(e, k), _project(f, v)  # [B, H, P, D]
     valid = (e != 0).any(-1)  # [B, P]: projected keys that received a real token
     if dropout > 0.0 and training:
         # dropout acts on the probabilities, which SDPA does not expose
@@ -53,6 +51,18 @@ def linformer_attention(q, k, v, *, mask=None, scaling, proj_k, proj_v, dropout=
         return torch.matmul(dropout_probs(probs, dropout, training), vp)
     # SDPA's fused kernel never stores the [B, H, T, P] scores or probabilities (backward recomputes them)
     return sdpa_zero_empty_rows(q, kp, vp, valid[:, None, None, :], scaling)
+
+
+def _project(e, x):
+    """``E x`` per head, ``[B, P, T] x [B, H, T, D] -> [B, H, P, D]``, as one ``[P, T] x [T, H * D]`` matmul per
+    sequence with the heads side by side in the columns, the layout of lucidrains' ``linformer``. The keys of an HF
+    model arrive as a head-split view of a ``[B, T, H * D]`` projection, so the flattening is free there. A
+    broadcast ``matmul(e[:, None], x)`` makes ``H`` thin matmuls instead, and its gradient for ``E`` builds a
+    ``[B, H, P, T]`` tensor before summing over heads: fwd+bwd of the projection measured 1.6-1.7x slower
+    (T = 2048 and 8192, H = 12, D = 64, P = 256)."""
+    b, h, t, d = x.shape
+    flat = x.transpose(1, 2).reshape(b, t, h * d)  # [B, T, H * D]
+    return torch.matmul(e, flat).view(b, -1, h, d).transpose(1, 2)
 
 
 def newton_schulz_pinv(a, iterations, valid=None):
