@@ -71,6 +71,17 @@ def _normalise(o1, eps):
     return num / den if autograd_records(o1) else num.div_(den)
 
 
+def _normalise_backward(grad, out, raw, eps, d_o1):
+    """Gradient of the fused ``[num, den]`` sums for ``out = num / max(den, eps)``, written into ``d_o1``:
+    numerator part ``g / den``, denominator part ``-(g / den) . out``, zero where ``den`` was clamped
+    (``clamp_min`` passes no gradient below ``eps``). ``raw`` is the unclamped denominator column."""
+    den = raw.clamp_min(eps)
+    g_num = torch.div(grad, den, out=d_o1[..., :-1])
+    d_den = torch.linalg.vecdot(g_num, out).unsqueeze(-1).neg_()
+    d_o1[..., -1:] = d_den.masked_fill_(raw < eps, 0.0)
+    return d_o1
+
+
 def linear_attention(q, k, v, *, mask=None, causal=False, phi, eps=1e-6, chunk_size=DEFAULT_CHUNK):
     """``out_i = phi(q_i) S_i / phi(q_i) z_i`` with ``S_i = sum_j phi(k_j) v_j^T``, ``z_i = sum_j phi(k_j)`` over
     the keys query ``i`` may see; a zero denominator (no allowed key) gives a zero output."""
@@ -114,12 +125,16 @@ def linear_attention(q, k, v, *, mask=None, causal=False, phi, eps=1e-6, chunk_s
     return out.to(out_dtype)
 
 
+def _rows_within(nbytes, q, e):
+    """Rows of one ``[B, H, rows, max(D, E)]`` fp32 slice of about ``nbytes`` (``q`` gives ``B, H, D``)."""
+    b, h, _, d = q.shape
+    return nbytes // (4 * b * h * max(d, e))
+
+
 def _causal_segment(q, e, chunk_size):
-    """Rows per causal segment: a multiple of the chunk size, one ``[B, H, rows, max(D, E)]`` fp32 slice about
-    ``CAUSAL_SEGMENT_BYTES``."""
-    b, h, t, d = q.shape
-    rows = CAUSAL_SEGMENT_BYTES // (4 * b * h * max(d, e))
-    return min(t, max(chunk_size, rows // chunk_size * chunk_size)) or 1
+    """Rows per causal segment: a multiple of the chunk size, a slice of about ``CAUSAL_SEGMENT_BYTES``."""
+    rows = _rows_within(CAUSAL_SEGMENT_BYTES, q, e)
+    return min(q.shape[-2], max(chunk_size, rows // chunk_size * chunk_size)) or 1
 
 
 def causal_linear_chunked(fq, fk, v, *, eps, chunk_size, state=None, norm=None):
@@ -224,13 +239,8 @@ class _CausalChunked(torch.autograd.Function):
         bh, n, c, d = fq.shape
         e = v1.shape[-1]
         flat = lambda x: x.view(bh * n, c, x.shape[-1])  # noqa: E731
-        # gradient of the un-normalised sums: numerator part g / den, denominator part -(g / den) . out
-        raw = o1[..., -1:]
-        den = raw.clamp_min(ctx.eps)
-        d_o1 = torch.empty_like(o1)  # [BH, n, C, E]
-        g_num = torch.div(grad, den, out=d_o1[..., :-1])
-        d_den = torch.linalg.vecdot(g_num, o1[..., :-1]).unsqueeze(-1).neg_()
-        d_o1[..., -1:] = d_den.masked_fill_(raw < ctx.eps, 0.0)  # clamp_min passes no gradient below eps
+        # forward left the normalised output in o1[..., :-1] and the raw denominator in its last column
+        d_o1 = _normalise_backward(grad, o1[..., :-1], o1[..., -1:], ctx.eps, torch.empty_like(o1))  # [BH, n, C, E]
         do = flat(d_o1)
         states = _prefix_states(fk, v1, state1)  # recomputed, not kept from forward
         d_p = torch.bmm(do, flat(v1).transpose(1, 2)).tril_()  # [BHn, C, C]
@@ -250,8 +260,7 @@ class _CausalChunked(torch.autograd.Function):
 
 
 def _bidirectional_rows(q: torch.Tensor, e: int) -> int:
-    b, h = q.shape[:2]
-    return max(16, BIDIRECTIONAL_CHUNK_BYTES // (4 * b * h * max(q.shape[-1], e)))
+    return max(16, _rows_within(BIDIRECTIONAL_CHUNK_BYTES, q, e))
 
 
 class _BidirectionalChunked(torch.autograd.Function):
@@ -297,7 +306,7 @@ class _BidirectionalChunked(torch.autograd.Function):
             fq = _feature_map(phi, q[..., s:s + rows, :].to(work))
             n = fq.shape[-2]
             o1 = torch.bmm(fq.reshape(b * h, n, d), s1)
-            out[..., s:s + n, :] = o1[..., :d_v].div_(o1[..., d_v:].clamp_min(eps)).view(b, h, n, d_v)
+            out[..., s:s + n, :] = _normalise(o1, eps).view(b, h, n, d_v)
         ctx.save_for_backward(q, k, v, mask, s1)
         ctx.phi, ctx.eps, ctx.rows = phi, eps, rows
         return out
@@ -318,13 +327,9 @@ class _BidirectionalChunked(torch.autograd.Function):
             q_c = q[..., s:s + rows, :].to(work)
             n = q_c.shape[-2]
             fq = _feature_map(phi, q_c).reshape(b * h, n, d)
-            o1 = torch.bmm(fq, s1)  # [BH, n, Dv + 1]
-            raw = o1[..., d_v:]
-            den = raw.clamp_min(eps)
-            d_o1 = torch.empty_like(o1)
-            d_num = torch.div(grad[..., s:s + n, :].to(work).reshape(b * h, n, d_v), den, out=d_o1[..., :d_v])
-            d_den = torch.linalg.vecdot(d_num, o1[..., :d_v]).unsqueeze(-1).div_(den).neg_()
-            d_o1[..., d_v:] = d_den.masked_fill_(raw < eps, 0.0)  # clamp_min passes no gradient below eps
+            o1 = torch.bmm(fq, s1)  # [BH, n, Dv + 1], recomputed
+            g = grad[..., s:s + n, :].to(work).reshape(b * h, n, d_v)
+            d_o1 = _normalise_backward(g, _normalise(o1, eps), o1[..., d_v:], eps, torch.empty_like(o1))
             d_s1.baddbmm_(fq.transpose(1, 2), d_o1)
             if dq is not None:
                 d_fq = torch.bmm(d_o1, s1.transpose(1, 2)).view(b, h, n, d)
