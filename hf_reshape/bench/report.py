@@ -29,6 +29,11 @@ def _ms(s):
     return "-" if s is None else (f"{1e3 * s:.0f}" if s >= 1 else f"{1e3 * s:.1f}" if s >= 0.01 else f"{1e3 * s:.2f}")
 
 
+def _vs_sdpa(row, key="speedup_vs_sdpa"):
+    """A model-level row's ratio to SDPA as a table cell: blank for SDPA itself and where there is none."""
+    return "" if row["candidate"] == "sdpa" or row.get(key) is None else f"{row[key]:.2f}x"
+
+
 def _x(r):
     return "" if r is None else f" ({r:.2f}x)" if r < 10 else f" ({r:.1f}x)"
 
@@ -214,9 +219,7 @@ def to_markdown(results: dict) -> str:
                 what = f"BERT, {r['layers']} layers" if r["model"] == "bert" else (
                     f"ViT-B/16, {r['layers']} layers, {r['image']}x{r['image']} image")
                 body.append([what, r["tokens"], f"`{r['candidate']}`", _ms(r["median_s"]) if r["median_s"] else
-                             (r.get("error") or "-"), "" if r["candidate"] == "sdpa" or r["speedup_vs_sdpa"] is None
-                             else f"{r['speedup_vs_sdpa']:.2f}x", _mib(mem.get((r["model"], r["tokens"],
-                                                                                 r["candidate"])))])
+                             (r.get("error") or "-"), _vs_sdpa(r), _mib(mem.get((r["model"], r["tokens"], r["candidate"])))])
             lines += ["### Encoders: one forward", ""]
             lines += _table(["model", "tokens", "attention", "ms", "x SDPA", "peak MiB"], body) + [""]
         dec = [r for r in model["rows"] if r["model"] == "gpt2"]
@@ -226,10 +229,7 @@ def to_markdown(results: dict) -> str:
                       f"tokens after a {r0['prompt']}-token prompt", ""]
             body = [[f"`{r['candidate']}`", r["cache"],
                      _ms(r["median_s"]) if r["median_s"] else (r.get("error") or "-"),
-                     "" if r["candidate"] == "sdpa" or r["speedup_vs_sdpa"] is None else f"{r['speedup_vs_sdpa']:.2f}x",
-                     _ms(r["prefill_s"]), _ms(r["per_token_s"]),
-                     "" if r["candidate"] == "sdpa" or r["decode_speedup_vs_sdpa"] is None
-                     else f"{r['decode_speedup_vs_sdpa']:.2f}x",
+                     _vs_sdpa(r), _ms(r["prefill_s"]), _ms(r["per_token_s"]), _vs_sdpa(r, "decode_speedup_vs_sdpa"),
                      _ms(r.get("per_token_short_s")),
                      "" if r.get("latency_growth") is None else f"{r['latency_growth']:.2f}",
                      _mib(mem.get(("gpt2", r["tokens"], r["candidate"])))] for r in dec]
