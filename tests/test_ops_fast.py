@@ -92,6 +92,22 @@ def test_bidirectional_sliced_function_gradcheck(monkeypatch, fmap, t_q, t_k, ma
     assert torch.autograd.gradcheck(f, (q, k, v))
 
 
+def test_bidirectional_feature_map_without_hand_written_grad_uses_autograd():
+    """A feature map missing from FEATURE_MAP_GRADS (here softplus) takes the plain autograd path: it must still
+    match the reference, with padding, and its gradients must match finite differences."""
+    phi = torch.nn.functional.softplus
+    assert phi not in linear.FEATURE_MAP_GRADS
+    q, k, v = rand(2, 2, 9, 3, seed=29), rand(2, 2, 9, 3, seed=30), rand(2, 2, 9, 4, seed=31)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, :4] = False
+
+    def f(q, k, v):
+        return linear.linear_attention(q, k, v, mask=mask, causal=False, phi=phi)
+
+    torch.testing.assert_close(f(q, k, v), naive.linear_reference(q, k, v, mask=mask, causal=False, phi=phi, eps=1e-6))
+    assert torch.autograd.gradcheck(f, (q, k, v))
+
+
 def test_bidirectional_sliced_low_precision_and_partial_grads(monkeypatch):
     """bf16 inputs are computed in float32 slice by slice and come back in bf16; gradients asked for only some
     inputs are the same as when asked for all."""
