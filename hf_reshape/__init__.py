@@ -8,7 +8,8 @@ model = hf_reshape.reshape(model, "sliding_window", window=64)
 
 __version__ = "0.1.0"
 
-from . import functional, variants  # noqa: F401  (importing variants registers the built-ins)
+from . import functional, observe, variants  # noqa: F401  (importing variants registers the built-ins)
+from .attention_transfer import NothingToTransferError, attention_parameters, transfer
 from .cache import ReshapeCache
 from .config import ReshapeConfig
 from .errors import (
@@ -27,6 +28,7 @@ __all__ = [
     "ATTN_IMPLEMENTATION",
     "InvalidParameterError",
     "NotCausalError",
+    "NothingToTransferError",
     "ReshapeCache",
     "ReshapeConfig",
     "ReshapeError",
@@ -35,12 +37,15 @@ __all__ = [
     "UnsupportedModelError",
     "VariantParams",
     "VariantSpec",
+    "attention_parameters",
     "from_pretrained",
     "functional",
     "get_reshape_config",
     "get_variant",
     "list_variants",
     "register_variant",
+    "observe",
     "reshape",
+    "transfer",
     "unreshape",
 ]

@@ -8,10 +8,13 @@ by itself; ``unreshape()`` removes it. A cache passed by the user (``cache=...``
 How a recurrent step reaches the attention function: transformers' GPT-2 calls ``cache.update(k, v, layer_idx)``
 *before* the attention function, and the attention function never sees the cache. The key-padding mask, which
 decides what may enter the running sums, only arrives at the attention function. So
-:meth:`LinearRecurrentLayer.update` returns the new keys unchanged and *parks* itself on the layer's
-``ReshapedAttention`` holder next to the key tensor it returned; the attention function takes it back, checks that
-the key it was handed is that very tensor (so a later plain forward never sees stale state), computes the output
-from the state and folds the masked new keys into it.
+:meth:`LinearRecurrentLayer.update` returns a fresh alias of the new keys that carries the layer
+(:func:`hf_reshape.integration.hand_over`): transformers hands ``update``'s keys straight to the attention
+function, which takes the layer from them, computes the output from the state and folds the masked new keys into
+it. The hand-over travels with the call, never through the shared attention module, so threads generating on one
+model each reach their own cache, and a plain forward never sees a cache. A step whose keys never reached the
+attention (an interrupted step) leaves the layer marked, and its next ``update`` refuses to go on with a state
+that misses those tokens.
 
 Design notes and sources:
 
@@ -33,7 +36,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, Dynam
 from transformers.generation.configuration_utils import GenerationMode
 
 from .architectures import get_architecture, self_attention_modules
-from .integration import ATTN_IMPLEMENTATION, STATE_ATTR, ReshapedAttention
+from .integration import ATTN_IMPLEMENTATION, STATE_ATTR, ReshapedAttention, hand_over
 from .ops.common import LOW_PRECISION
 from .ops.feature_maps import FEATURE_MAPS
 from .ops.linear import causal_linear_chunked
@@ -86,6 +89,7 @@ class LinearRecurrentLayer(_ReshapeLayerMixin, CacheLayerMixin):
         self.state: torch.Tensor | None = None
         self.norm: torch.Tensor | None = None
         self.seen = 0
+        self.pending = 0  # tokens counted by `update` whose keys the attention function has not folded in yet
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         # the feature maps are elementwise, so phi(k) keeps the head dim D of k
@@ -112,13 +116,21 @@ class LinearRecurrentLayer(_ReshapeLayerMixin, CacheLayerMixin):
         return holder
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Count the new tokens and park this layer on the holder; the attention function folds them into the
-        state once it knows which keys are padding. Returns the new ``key_states, value_states`` unchanged."""
+        """Count the new tokens and hand this layer to the attention call with the keys; the attention function
+        folds them into the state once it knows which keys are padding. Returns an alias of ``key_states`` that
+        carries this layer (same values) and ``value_states``."""
+        if self.pending:
+            raise RuntimeError(
+                f"the {self.pending} token(s) of this cache layer's previous step never reached hf_reshape's attention "
+                "function (an interrupted step, or keys changed between the cache and the attention), so its running "
+                "state misses them: start generation with a fresh cache"
+            )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self._holder().park_recurrent_state(self, key_states)
+        self._holder()
         self.seen += key_states.shape[-2]
-        return key_states, value_states
+        self.pending = key_states.shape[-2]
+        return hand_over(key_states, self), value_states
 
     def attend(self, query, key, value, mask, params) -> torch.Tensor:
         """Causal linear attention of the new queries over the state plus the new keys, then fold the new keys in.
@@ -157,6 +169,7 @@ class LinearRecurrentLayer(_ReshapeLayerMixin, CacheLayerMixin):
             )
             self.state = self.state + kv
             self.norm = self.norm + fk.sum(-2)
+        self.pending = 0
         return out.to(value.dtype)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -171,6 +184,7 @@ class LinearRecurrentLayer(_ReshapeLayerMixin, CacheLayerMixin):
             self.state.zero_()
             self.norm.zero_()
         self.seen = 0
+        self.pending = 0
 
     def offload(self):
         if self.is_initialized:

@@ -10,7 +10,7 @@ from dataclasses import replace
 from typing import Any
 
 from .errors import InvalidParameterError
-from .registry import VariantParams, get_variant, make_params
+from .registry import VariantParams, field_defaults, get_variant, make_params
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +33,10 @@ class ReshapeConfig:
         layers (`list[int]`, *optional*): indices of the layers to reshape; the others keep exact attention.
             `None` reshapes every self-attention layer.
         **params: the variant's parameters (e.g. `window=64`); unknown names raise an error listing the
-            accepted ones.
+            accepted ones. A parameter left out takes its default, and a default that does not fit is adapted:
+            to the other parameters here (Linformer's `proj_len` to a given `max_length`), to the model at
+            `reshape` time (`proj_len` to the model's positions; the model's record holds the value used). A value
+            you give is never changed: if it does not fit, it is an error.
 
     Example:
 
@@ -46,13 +49,19 @@ class ReshapeConfig:
 
     def __init__(self, method: str, layers: list[int] | None = None, **params: Any):
         spec = get_variant(method)
-        if layers is not None:
-            layers = list(layers)
-            if not layers or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers):
-                raise InvalidParameterError(f"`layers` must be None or a non-empty list of layer indices >= 0, got {layers!r}")
+        layers = _check_layers(layers)
+        fitted = spec.fit_defaults(field_defaults(spec.params_cls), params, None) if spec.fit_defaults else {}
         self.method = method
         self.layers = layers
-        self.params: VariantParams = make_params(spec, params)
+        self.params: VariantParams = make_params(spec, {**fitted, **params})
+        # parameters the user did not give: reshape may adapt them to the model (VariantSpec.fit_defaults)
+        self._defaulted = frozenset(spec.params_cls.field_names()) - set(params)
+
+    @property
+    def defaulted(self) -> frozenset[str]:
+        """Names of the parameters left at their default (not given by the user); `reshape` adapts those that do
+        not fit the model. Not part of `to_dict`: a saved record holds the values used, all of them explicit."""
+        return self.__dict__.get("_defaulted", frozenset())
 
     @property
     def spec(self):
@@ -76,6 +85,7 @@ class ReshapeConfig:
     def with_params(self, params: VariantParams) -> "ReshapeConfig":
         new = ReshapeConfig(self.method, layers=self.layers)
         new.params = replace(params)
+        new._defaulted = self.defaulted
         return new
 
     def to_dict(self) -> dict[str, Any]:
@@ -83,18 +93,46 @@ class ReshapeConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ReshapeConfig":
-        """Build from a dict; keys the variant does not know are dropped with a warning."""
+        """Build from a record (`to_dict`'s output, the `hf_reshape` entry of a reshaped model's config.json, or
+        a `reshape_config.json`).
+
+        A record lists every parameter of its variant (`to_dict` writes them all), so a name the variant does not
+        know (a misspelling) or a parameter that is missing (a hand-edited or truncated record) is an
+        `InvalidParameterError` naming them: loading it with a default in their place would silently run another
+        attention. Only a record written by a newer hf_reshape (`hf_reshape_version` above this one's) may carry
+        names this version does not know: they are ignored with a warning.
+        """
+        if not isinstance(data, dict):
+            raise InvalidParameterError(
+                "a reshape record must be a dict (a JSON object) such as {'method': 'topk', 'top_k': 64, 'layers': "
+                f"None, 'hf_reshape_version': '{_version()}'}}; got a {type(data).__name__}: {_short(data)}"
+            )
         if "method" not in data:
-            raise InvalidParameterError(f"a reshape config needs a `method`; got keys {sorted(data)}")
-        spec = get_variant(data["method"])
+            raise InvalidParameterError(f"a reshape record needs a `method`; got keys {sorted(map(str, data))}")
+        method = data["method"]
+        spec = get_variant(method)
         accepted = spec.params_cls.field_names()
         unknown = sorted(set(data) - set(accepted) - set(_META_KEYS))
+        missing = [name for name in accepted if name not in data]
+        written_by = data.get("hf_reshape_version")
         if unknown:
-            logger.warning(
-                "ignoring unknown key(s) %s in the %r reshape config; accepted: %s", unknown, data["method"], accepted
+            if _is_newer(written_by):
+                logger.warning(
+                    "the %r reshape record was written by hf_reshape %s (this is %s): ignoring the parameter(s) %s "
+                    "this version does not know; accepted: %s", method, written_by, _version(), unknown, accepted,
+                )
+            else:
+                raise InvalidParameterError(
+                    f"unknown parameter(s) {unknown} in the {method!r} reshape record; accepted: {accepted}"
+                )
+        if missing:
+            defaults = field_defaults(spec.params_cls)
+            raise InvalidParameterError(
+                f"the {method!r} reshape record lacks the parameter(s) {missing}: a saved record lists every "
+                f"parameter, so this one was edited or truncated; add them (defaults: "
+                f"{ {name: defaults.get(name) for name in missing} })"
             )
-        params = {k: v for k, v in data.items() if k in accepted}
-        return cls(data["method"], layers=data.get("layers"), **params)
+        return cls(method, layers=data.get("layers"), **{name: data[name] for name in accepted})
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> str:
         """Write `reshape_config.json` into `save_directory` (created if needed); returns the file path."""
@@ -110,10 +148,20 @@ class ReshapeConfig:
         """Load from a local folder or a Hub repo id (through `hf_hub_download`, so the Hub cache and
         `HF_HUB_OFFLINE` apply). Reads `reshape_config.json`, or the `hf_reshape` record of a reshaped model's
         `config.json`. `hub_kwargs` (`revision`, `cache_dir`, `token`, ...) go to `hf_hub_download`."""
-        data = _read_json(path_or_repo_id, CONFIG_NAME, hub_kwargs)
+        unreachable = None  # the Hub's error when a file could be neither downloaded nor found in the cache
+        try:
+            data = _read_json(path_or_repo_id, CONFIG_NAME, hub_kwargs)
+        except HubUnreachableError as err:
+            data, unreachable = None, err
         if data is None:
-            model_config = _read_json(path_or_repo_id, "config.json", hub_kwargs)
-            data = (model_config or {}).get(MODEL_CONFIG_KEY)
+            # a reshaped model's folder (or a cached Hub snapshot holding only the model files)
+            try:
+                model_config = _read_json(path_or_repo_id, "config.json", hub_kwargs)
+            except HubUnreachableError as err:
+                model_config, unreachable = None, unreachable or err
+            data = model_config.get(MODEL_CONFIG_KEY) if isinstance(model_config, dict) else None
+        if data is None and unreachable is not None:
+            raise unreachable
         if data is None:
             raise FileNotFoundError(
                 f"no {CONFIG_NAME} and no `{MODEL_CONFIG_KEY}` record in config.json at {str(path_or_repo_id)!r}"
@@ -136,21 +184,82 @@ class ReshapeConfig:
         return str(info)
 
 
+class HubUnreachableError(FileNotFoundError):
+    """A file that is in no local folder could not be fetched from the Hub (offline, no connection, ...) and is
+    not in the cache; the message keeps huggingface_hub's own explanation."""
+
+
 def resolve_file(path_or_repo_id, filename: str, hub_kwargs: dict) -> str | None:
-    """Local path of `filename` in a folder, or in a Hub repo (downloaded or cached); None if it is absent."""
+    """Local path of `filename` in a folder, or in a Hub repo (downloaded or cached); None if the folder or the
+    repo has no such file.
+
+    Raises:
+        `FileNotFoundError`: `path_or_repo_id` is a local path (absolute, relative with `./`, `~`, several
+            separators...) that does not exist: it says so.
+        `HubUnreachableError` (a `FileNotFoundError`): a repo id whose file could not be fetched and is not
+            cached, with huggingface_hub's message (offline mode, cannot connect, ...).
+        huggingface_hub's own errors (repository not found, gated, ...) as they are.
+    """
     if os.path.isdir(path_or_repo_id):
         path = os.path.join(path_or_repo_id, filename)
         return path if os.path.isfile(path) else None
+    name = os.fspath(path_or_repo_id)
+    if isinstance(path_or_repo_id, os.PathLike) or not _looks_like_repo_id(name):
+        what = "is a file, not a folder" if os.path.exists(name) else "does not exist"
+        raise FileNotFoundError(f"{name!r} {what}: pass a local folder or a Hub repo id ('name' or 'org/name')")
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     try:
-        return hf_hub_download(str(path_or_repo_id), filename, **hub_kwargs)
+        return hf_hub_download(name, filename, **hub_kwargs)
+    except LocalEntryNotFoundError as err:
+        # offline, or the Hub unreachable, and the file is not in the cache: keep huggingface_hub's explanation,
+        # whose specific part (offline mode, the connection error) is in the exception it chains
+        cause = f" ({err.__cause__})" if err.__cause__ is not None else ""
+        raise HubUnreachableError(
+            f"{name!r} is not a local folder, and {filename} could not be fetched from the Hub: {err}{cause}"
+        ) from err
     except EntryNotFoundError:
+        return None  # the repo has no such file
+
+
+def _looks_like_repo_id(name: str) -> bool:
+    from huggingface_hub.utils import validate_repo_id
+
+    if name.startswith(("~", ".")) or os.path.isabs(name) or os.sep in name.replace("/", "") or name.count("/") > 1:
+        return False
+    try:
+        validate_repo_id(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_layers(layers) -> list[int] | None:
+    if layers is None:
         return None
-    except LocalEntryNotFoundError:
-        # offline (or unreachable) and this file is not in the cache
-        return None
+    accepted = "`layers` must be None (every layer) or a non-empty list of layer indices >= 0, such as [0, 1]"
+    if isinstance(layers, (str, bytes, dict)) or not hasattr(layers, "__iter__"):
+        raise InvalidParameterError(f"{accepted}; got {_short(layers)}")
+    layers = list(layers)
+    if not layers or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers):
+        raise InvalidParameterError(f"{accepted}; got {_short(layers)}")
+    return layers
+
+
+def _is_newer(version) -> bool:
+    """Whether a record's `hf_reshape_version` is above this hf_reshape's (an unreadable one is not)."""
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return Version(str(version)) > Version(_version())
+    except InvalidVersion:
+        return False
+
+
+def _short(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _read_json(path_or_repo_id, filename, hub_kwargs):

@@ -12,11 +12,13 @@ from pathlib import Path
 
 
 def data_dir() -> Path | None:
+    """``$HF_RESHAPE_DATA`` when set (any folder), else the first ``../shared/data`` (recognised by its
+    ``README.md``) beside the working directory or the source checkout, else ``None``."""
     env = os.environ.get("HF_RESHAPE_DATA")
-    candidates = [Path(env)] if env else []
+    if env:
+        return Path(env).resolve()
     here = Path(__file__).resolve().parent
-    candidates += [Path.cwd() / ".." / "shared" / "data", here.parent.parent / "shared" / "data"]
-    for c in candidates:
+    for c in (Path.cwd() / ".." / "shared" / "data", here.parent.parent / "shared" / "data"):
         if (c / "README.md").is_file():
             return c.resolve()
     return None
@@ -29,6 +31,9 @@ def read_sst2(split: str = "dev", limit: int | None = None, path: str | os.PathL
         if root is None:
             raise FileNotFoundError("SST-2 not found: set HF_RESHAPE_DATA to the folder holding sst2/")
         path = root / "sst2" / f"{split}.tsv"
+        if not path.is_file():
+            raise FileNotFoundError(f"SST-2 not found: no sst2/{split}.tsv in the data folder {root} "
+                                    "(HF_RESHAPE_DATA, or ../shared/data)")
     rows = []
     with open(path, encoding="utf-8", newline="") as f:
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)

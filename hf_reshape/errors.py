@@ -23,3 +23,8 @@ class InvalidParameterError(ReshapeError):
 
 class SequenceTooLongError(ReshapeError):
     pass
+
+
+class AttentionImplementationError(ReshapeError):
+    """A reshaped model whose attention implementation was switched away from hf_reshape's (its reshaped layers
+    would silently run another attention)."""

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from .errors import InvalidParameterError, NotCausalError
+from .ops.common import tracing
 from .registry import VariantSpec, get_variant, list_variants, make_params
 
 
@@ -45,13 +46,40 @@ def _check_inputs(query, key, value, attention_mask):
             f"incompatible shapes: query {tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}"
         )
     if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor):
+            raise InvalidParameterError(
+                f"attention_mask must be {_MASK_FORM}, a tensor [B, T_k]; got {type(attention_mask).__name__}"
+            )
         if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (key.shape[0], key.shape[2]):
             raise InvalidParameterError(
                 f"attention_mask must be a bool key-padding mask [B, T_k] = {(key.shape[0], key.shape[2])}, "
                 f"got shape {tuple(attention_mask.shape)}"
             )
+        _check_mask_values(attention_mask)
         attention_mask = attention_mask.to(device=key.device, dtype=torch.bool)
     return attention_mask
+
+
+_MASK_FORM = (
+    "a key-padding mask of bool (True = real token, False = padding) or of 0/1 integers (1 = real token, as "
+    "tokenizers return)"
+)
+
+
+def _check_mask_values(mask: torch.Tensor) -> None:
+    """Refuse masks whose meaning would change under ``.to(bool)``: float masks (an additive mask, 0 for allowed and
+    -inf for masked, would become its own inverse) and integer masks holding values other than 0 and 1."""
+    if mask.dtype == torch.bool:
+        return
+    if mask.is_floating_point() or mask.is_complex():
+        raise InvalidParameterError(
+            f"attention_mask must be {_MASK_FORM}; got dtype {mask.dtype}. A float mask is refused because an "
+            "additive mask (0 = attend, -inf = masked) would be read backwards: pass `mask == 0` for an additive "
+            "mask, or `mask.bool()` for a 0./1. one"
+        )
+    if not tracing() and mask.numel() and not bool(((mask == 0) | (mask == 1)).all()):
+        bad = sorted({int(x) for x in mask[(mask != 0) & (mask != 1)].unique()[:5]})
+        raise InvalidParameterError(f"attention_mask must be {_MASK_FORM}; got an integer mask holding {bad}")
 
 
 def _prepare(query, key, value, method, attention_mask, is_causal, scaling, params):
@@ -82,7 +110,9 @@ def attention(
     Args:
         query (`torch.Tensor` of shape `[B, H, T_q, D]`), key (`[B, H, T_k, D]`), value (`[B, H, T_k, D_v]`).
         method (`str`): a name from `hf_reshape.list_variants()`.
-        attention_mask (`torch.BoolTensor` of shape `[B, T_k]`, *optional*): key-padding mask, True = real token.
+        attention_mask (`torch.BoolTensor` of shape `[B, T_k]`, *optional*): key-padding mask, True = real token;
+            0/1 integers (a tokenizer's mask) are accepted too. Float masks (additive 0 / -inf masks) are refused
+            with `InvalidParameterError`, as are integers other than 0 and 1.
         is_causal (`bool`): causal form; queries are the last `T_q` positions of the keys.
         scaling (`float`, *optional*): score scale, defaults to `1 / sqrt(D)`.
         dropout (`float`), training (`bool`): dropout on attention probabilities where the variant has them.

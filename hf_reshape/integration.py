@@ -4,22 +4,50 @@ under one name in ``AttentionInterface`` and ``AttentionMaskInterface``.
 The mask function hands the attention function the compact 2D key-padding mask ``[B, T_k]`` (or ``None``),
 never a ``T x T`` matrix; causality comes from ``module.is_causal``. A module that carries no reshaped state
 (a layer left out with ``layers=[...]``, a cross-attention) runs exact softmax attention.
+
+Two guards keep a reshaped model from silently running softmax attention:
+
+* every reshaped attention module gets a forward pre-hook that raises :class:`AttentionImplementationError`
+  when the model's attention implementation is no longer ``"hf_reshape"`` (``model.set_attn_implementation("sdpa")``
+  or ``config._attn_implementation = ...`` after ``reshape``);
+* a model built by transformers alone from a config that records a variant (``AutoModel.from_pretrained`` of a
+  reshaped checkpoint, ``BertModel(reshaped.config)``) logs a warning through transformers' logger that names
+  ``hf_reshape.from_pretrained``. The seam is ``PreTrainedModel.post_init``, which every transformers model calls
+  at the end of its ``__init__``: importing hf_reshape wraps it once (the wrapper calls the original, then only
+  reads ``config.hf_reshape``). Without hf_reshape imported nothing warns: such a load runs softmax attention.
 """
 
 from __future__ import annotations
+
+import contextlib
+import functools
+import weakref
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
+from transformers.utils import logging as hf_logging
 
+from . import observe
+from .attention_weights import softmax_weights
+from .config import MODEL_CONFIG_KEY
+from .errors import AttentionImplementationError
 from .functional import check_form
 from .ops.common import allowed_mask, sdpa_zero_empty_rows
-from .registry import VariantParams, get_variant
+from .registry import VariantParams, get_variant, list_variants
+
+try:  # transformers' output-capturing context: says whether `output_attentions` was asked for (GPT-2 pops the kwarg)
+    from transformers.utils.output_capturing import _active_collector
+except ImportError:  # another transformers: only the `output_attentions` keyword reaching the attention is seen
+    _active_collector = None
 
 ATTN_IMPLEMENTATION = "hf_reshape"
 STATE_ATTR = "hf_reshape"  # name of the ReshapedAttention submodule on a transformers attention module
+# a child of transformers' library logger: its handler, and `transformers.logging.set_verbosity_*`, apply
+logger = hf_logging.get_logger("transformers.hf_reshape")
 
 
 class ReshapedAttention(nn.Module):
@@ -41,19 +69,6 @@ class ReshapedAttention(nn.Module):
     def extra_repr(self) -> str:
         return f"method={self.method!r}, " + ", ".join(f"{k}={v!r}" for k, v in self.params.to_dict().items())
 
-    def park_recurrent_state(self, layer, key: torch.Tensor) -> None:
-        """Called by a recurrent cache layer's ``update`` (see :mod:`hf_reshape.cache`): hand ``layer`` to the
-        attention call that receives exactly the tensor ``key``. Kept out of ``_modules``/``state_dict``."""
-        self.__dict__["_hf_reshape_parked"] = (layer, key)
-
-    def take_recurrent_state(self, key: torch.Tensor):
-        """Pop the parked cache layer if it was parked for this very ``key`` tensor, else drop it and return None
-        (a plain forward never sees state left over from an interrupted step)."""
-        parked = self.__dict__.pop("_hf_reshape_parked", None)
-        if parked is None or parked[1] is not key:
-            return None
-        return parked[0]
-
     def forward(self, query, key, value, mask, causal: bool, scaling: float, dropout: float = 0.0):
         spec = get_variant(self.method)
         check_form(spec, causal)
@@ -62,6 +77,26 @@ class ReshapedAttention(nn.Module):
             query, key, value, mask=mask, causal=causal, scaling=scaling, params=self.params, dropout=dropout,
             training=self.training, **state,
         )
+
+
+# ---------- handing a recurrent cache layer to the attention call ----------
+
+_HANDED_OVER = "_hf_reshape_cache_layer"
+
+
+def hand_over(key: torch.Tensor, layer) -> torch.Tensor:
+    """Called by a recurrent cache layer's ``update`` (:mod:`hf_reshape.cache`): return a fresh alias of ``key``
+    that carries ``layer``. transformers passes ``update``'s keys straight to the attention function, so only
+    this call's attention sees the layer: nothing is left on a shared module for another thread (or a later
+    forward) to take."""
+    alias = key.view_as(key)
+    setattr(alias, _HANDED_OVER, layer)
+    return alias
+
+
+def handed_over(key: torch.Tensor):
+    """The cache layer :func:`hand_over` attached to ``key``, or None."""
+    return getattr(key, _HANDED_OVER, None)
 
 
 def exact_attention(query, key, value, mask, causal, scaling, dropout=0.0, training=False):
@@ -85,7 +120,8 @@ def hf_reshape_attention_forward(
     scaling: float | None = None,
     **kwargs,
 ):
-    """transformers attention-interface signature: ``[B, H, T, D]`` in, ``([B, T_q, H, D_v], None)`` out."""
+    """transformers attention-interface signature: ``[B, H, T, D]`` in, ``([B, T_q, H, D_v], weights)`` out;
+    ``weights`` is None unless attention weights were asked for (``output_attentions``)."""
     if attention_mask is not None:
         if attention_mask.dim() != 2:
             raise ValueError(
@@ -99,17 +135,146 @@ def hf_reshape_attention_forward(
             attention_mask = attention_mask[:, -key.shape[-2] :]
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     causal = bool(getattr(module, "is_causal", False))
-    reshaped = getattr(module, STATE_ATTR, None)
-    if isinstance(reshaped, ReshapedAttention):
-        recurrent = reshaped.take_recurrent_state(key)
-        if recurrent is not None:
-            # generation with a ReshapeCache: attend over the running state, then fold the new keys into it
-            out = recurrent.attend(query, key, value, attention_mask, reshaped.params)
-        else:
-            out = reshaped(query, key, value, attention_mask, causal, scaling, dropout)
+    holder = getattr(module, STATE_ATTR, None)
+    holder = holder if isinstance(holder, ReshapedAttention) else None
+    recurrent = handed_over(key) if holder is not None else None
+    if recurrent is not None:
+        # generation with a ReshapeCache: attend over the running state, then fold the new keys into it
+        out = recurrent.attend(query, key, value, attention_mask, holder.params)
+    elif holder is not None:
+        out = holder(query, key, value, attention_mask, causal, scaling, dropout)
     else:
         out = exact_attention(query, key, value, attention_mask, causal, scaling, dropout, module.training)
-    return out.transpose(1, 2).contiguous(), None
+    if observe.active():  # the observer seam (hf_reshape.observe): attention transfer, diagnostics
+        out = observe.notify(observe.AttentionCall(module, holder, query, key, value, attention_mask, causal, scaling, out))
+    weights = None
+    if weights_requested(kwargs):
+        weights = attention_weights(holder, query, key, value, attention_mask, causal, scaling, recurrent is not None)
+    return out.transpose(1, 2).contiguous(), weights
+
+
+# ---------- output_attentions ----------
+
+
+def weights_requested(kwargs: dict) -> bool:
+    """Whether the caller asked for attention weights: the ``output_attentions`` keyword where the model passes
+    it down (BERT, ViT), else transformers' output-capturing context (``capture_outputs`` collects output 1 of
+    the attention modules; GPT-2 pops the keyword before its layers)."""
+    flag = kwargs.get("output_attentions")
+    if flag is not None:
+        return bool(flag)
+    collector = _active_collector.get() if _active_collector is not None else None
+    return bool(collector) and any(name.endswith("attentions") for name in collector)
+
+
+def attention_weights(holder, query, key, value, mask, causal, scaling, recurrent=False):
+    """The weights ``output_attentions`` returns for one call: exact softmax probabilities for a module left
+    exact, the variant's ``VariantSpec.weights`` for a reshaped one (before dropout), or None with a warning
+    (once per variant) where the variant has none or a recurrent cache step ran, as transformers does for
+    ``sdpa``."""
+    if holder is None:
+        return softmax_weights(query, key, value, mask=mask, causal=causal, scaling=scaling)
+    spec = get_variant(holder.method)
+    if spec.weights is None or recurrent:
+        why = "a recurrent cache step keeps no keys" if recurrent else "it forms no attention-probability matrix"
+        with_weights = [name for name in list_variants() if get_variant(name).weights is not None]
+        logger.warning_once(
+            f"hf_reshape variant {holder.method!r} returns no attention weights ({why}): `output_attentions` gets "
+            f"nothing for its layers. Variants that return them: {with_weights}"
+        )
+        return None
+    state = {name: getattr(holder, name) for name in holder.state_names}
+    return spec.weights(query, key, value, mask=mask, causal=causal, scaling=scaling, params=holder.params, **state)
+
+
+# ---------- guard: a reshaped module runs only through hf_reshape's attention function ----------
+
+
+def require_hf_reshape_attention(module: nn.Module, args) -> None:
+    """Forward pre-hook on every reshaped attention module (installed by ``reshape``): refuse to run once the
+    model's attention implementation is no longer ``"hf_reshape"``, which would silently run another attention
+    while the model still carries (and saves) the variant."""
+    implementation = getattr(getattr(module, "config", None), "_attn_implementation", ATTN_IMPLEMENTATION)
+    holder = getattr(module, STATE_ATTR, None)
+    if implementation != ATTN_IMPLEMENTATION and isinstance(holder, ReshapedAttention):
+        raise AttentionImplementationError(
+            f"{type(module).__name__} carries hf_reshape's {holder.method!r} attention, but the model's attention "
+            f"implementation is now {implementation!r}, which would run exact attention in its place. Call "
+            "hf_reshape.unreshape(model) for exact attention, or model.set_attn_implementation('hf_reshape') to "
+            "run the variant again."
+        )
+
+
+def install_guard(module: nn.Module) -> None:
+    remove_guard(module)
+    module.register_forward_pre_hook(require_hf_reshape_attention)
+
+
+def remove_guard(module: nn.Module) -> None:
+    for handle_id, hook in list(module._forward_pre_hooks.items()):
+        if hook is require_hf_reshape_attention:
+            del module._forward_pre_hooks[handle_id]
+
+
+# ---------- warning: a model built by transformers alone from a reshaped model's config ----------
+
+_LOADING = ContextVar("hf_reshape_loading", default=False)
+_WARNED: dict[int, weakref.ref] = {}  # configs already warned about (a BertFor* and its BertModel share one)
+
+
+@contextlib.contextmanager
+def reshaping_after_load():
+    """Within this context, models built from a config with a variant record do not warn: hf_reshape's own
+    loaders reshape them right after building them."""
+    token = _LOADING.set(True)
+    try:
+        yield
+    finally:
+        _LOADING.reset(token)
+
+
+def warn_if_built_plain(model: nn.Module) -> None:
+    """Warn (once per config object) when ``model``'s config records a variant that the model does not carry."""
+    config = getattr(model, "config", None)
+    record = getattr(config, MODEL_CONFIG_KEY, None)
+    if record is None or _LOADING.get():
+        return
+    if any(isinstance(m, ReshapedAttention) for m in model.modules()):
+        return
+    seen = _WARNED.get(id(config))
+    if seen is not None and seen() is config:
+        return
+    for key in [k for k, ref in _WARNED.items() if ref() is None]:
+        del _WARNED[key]
+    try:
+        _WARNED[id(config)] = weakref.ref(config)
+    except TypeError:  # a config that cannot be weakly referenced: warn every time
+        pass
+    method = record.get("method") if isinstance(record, dict) else record
+    logger.warning(
+        f"{type(model).__name__}: its config records the hf_reshape variant {method!r} (`config.{MODEL_CONFIG_KEY}`), "
+        "but the model was built by transformers alone: it runs exact attention, and variant state saved with the "
+        "weights is not loaded. Load a reshaped checkpoint with hf_reshape.from_pretrained(path) (a "
+        "SentenceTransformer folder: hf_reshape.from_pretrained(path, model_class=SentenceTransformer)), or reshape "
+        "the model with hf_reshape.reshape(model, ...)."
+    )
+
+
+def _wrap_post_init() -> None:
+    from transformers import PreTrainedModel
+
+    original = PreTrainedModel.post_init
+    if getattr(original, "_hf_reshape_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def post_init(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        warn_if_built_plain(self)
+        return result
+
+    post_init._hf_reshape_wrapped = True
+    PreTrainedModel.post_init = post_init
 
 
 def hf_reshape_mask(
@@ -135,3 +300,4 @@ def register_with_transformers() -> None:
 
 
 register_with_transformers()
+_wrap_post_init()

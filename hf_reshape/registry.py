@@ -81,6 +81,21 @@ class VariantSpec:
         complexity: time complexity as shown in the README.
         quadratic: whether the fast path materialises a ``T x T`` tensor.
         small_params: parameters that make the variant non-trivial on short sequences (tests, smoke runs).
+        weights: ``weights(q, k, v, *, mask, causal, scaling, params, **state) -> Tensor``, the same signature as
+            ``reference``: the matrix ``W`` the variant multiplies the values by, ``[B, H, T_q, T_k]``, so that the
+            output is ``W @ v`` (``output_attentions=True`` returns it; attention transfer compares it with
+            softmax). For ``topk`` and ``sliding_window`` these are softmax probabilities over the keys kept
+            (rows of queries with no allowed key are zeros); for ``svd`` the truncated matrix, which is not a
+            distribution (entries may be negative). A variant that attends over other positions returns them in
+            the last axis: Linformer gives ``[B, H, T_q, proj_len]`` probabilities over its *projected* keys (the
+            output is ``W @ (F v)``) and sets ``weights_over_keys=False``. ``None`` (``linear``, ``nystrom``): the
+            variant has no such matrix.
+        weights_over_keys: whether the last axis of ``weights`` is the keys (compare with softmax only then; a
+            shape check is not enough: Linformer's ``proj_len`` may equal ``T``).
+        fit_defaults: ``fit_defaults(defaults, given, facts) -> dict`` gives values for parameters the user left at
+            their default (not in ``given``) where the default does not fit the other parameters or the model
+            (``facts``: :class:`~hf_reshape.architectures.ModelFacts`, or ``None`` before a model is known); e.g.
+            :func:`capped_default`. A value the user gave is never changed: if it does not fit, it is an error.
     """
 
     name: str
@@ -99,6 +114,44 @@ class VariantSpec:
     description: str = ""
     paper: str = ""
     small_params: dict = field(default_factory=dict)
+    weights: Callable[..., torch.Tensor] | None = None
+    weights_over_keys: bool = True
+    fit_defaults: Callable[..., dict] | None = None
+
+
+def field_defaults(params_cls: type) -> dict[str, Any]:
+    """Default value of each field of a :class:`VariantParams` dataclass that has one."""
+    out = {}
+    for f in dataclasses.fields(params_cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+def capped_default(name: str, *, by: str, fact: str | None = None) -> Callable[..., dict]:
+    """A ``fit_defaults`` for a parameter whose default may exceed a bound: when ``name`` is not given, it becomes
+    ``min(default, bound)``, the bound being the given parameter ``by``, else (when ``by`` is unset too and the
+    model is known) the model fact ``fact``. E.g. Linformer's ``proj_len`` (default 128) on a ViT of 17 positions:
+    ``capped_default("proj_len", by="max_length", fact="max_positions")`` gives 17."""
+
+    def fit(defaults: dict[str, Any], given: dict[str, Any], facts) -> dict[str, Any]:
+        if name in given or name not in defaults:
+            return {}
+        bound = given.get(by)
+        if bound is None and facts is not None and fact is not None:
+            bound = getattr(facts, fact)
+        default = defaults[name]
+        if not _is_count(bound) or not _is_count(default) or default <= bound:
+            return {}  # nothing to fit (a malformed bound is left for validation to report)
+        return {name: bound}
+
+    return fit
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 _REGISTRY: dict[str, VariantSpec] = {}

@@ -92,17 +92,64 @@ def test_config_attributes_dict_round_trip_and_files(tmp_path):
     assert data["window"] == 64 and data["hf_reshape_version"] == hf_reshape.__version__
     assert ReshapeConfig.from_dict(data) == cfg
     path = cfg.save_pretrained(tmp_path)
-    assert json.loads(open(path).read())["method"] == "sliding_window"
+    with open(path) as f:
+        assert json.load(f)["method"] == "sliding_window"
     assert ReshapeConfig.from_pretrained(tmp_path) == cfg
     assert ReshapeConfig("sliding_window", window=65) != cfg
 
 
-def test_unknown_config_keys_warn_and_are_ignored(tmp_path, caplog):
-    (tmp_path / "reshape_config.json").write_text(json.dumps({"method": "topk", "top_k": 3, "future_knob": 1}))
+def _write_record(folder, record):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "reshape_config.json").write_text(json.dumps(record))
+    return folder
+
+
+def _record(**changes):
+    data = ReshapeConfig("topk", top_k=3).to_dict()
+    data.update(changes)
+    return {k: v for k, v in data.items() if v is not _DROP}
+
+
+_DROP = object()
+
+
+@pytest.mark.parametrize("record, pattern", [
+    # a misspelled parameter used to load with the default top_k=64 (a warning only)
+    (_record(top_k=_DROP, top_kk=3), r"unknown parameter\(s\) \['top_kk'\].*accepted: \['top_k'\]"),
+    (_record(future_knob=1), r"unknown parameter\(s\) \['future_knob'\]"),
+    # a missing one (to_dict writes them all: the record was edited) used to load with the default too
+    (_record(top_k=_DROP), r"lacks the parameter\(s\) \['top_k'\].*defaults: \{'top_k': 64\}"),
+    (_record(layers=1), r"`layers` must be None .* list of layer indices.*got 1"),
+    (_record(layers="0,1"), r"`layers` must be None .*got '0,1'"),
+    ("topk", r"must be a dict .*got a str: 'topk'"),
+    (["topk", 3], r"must be a dict .*got a list"),
+])
+def test_malformed_saved_records_are_refused_naming_what_is_wrong(tmp_path, record, pattern):
+    with pytest.raises(hf_reshape.InvalidParameterError, match=pattern):
+        ReshapeConfig.from_pretrained(_write_record(tmp_path, record))
+    with pytest.raises(hf_reshape.InvalidParameterError, match=pattern):
+        ReshapeConfig.from_dict(record)
+
+
+def test_a_malformed_record_in_a_saved_model_is_refused_before_loading(tmp_path):
+    model = hf_reshape.reshape(tiny_model("bert"), "topk", top_k=3)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["hf_reshape"]["topk"] = config["hf_reshape"].pop("top_k")  # hand-edited
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(hf_reshape.InvalidParameterError, match=r"unknown parameter\(s\) \['topk'\]"):
+        hf_reshape.from_pretrained(tmp_path)
+
+
+def test_keys_from_a_newer_version_are_ignored_with_a_warning(tmp_path, caplog):
+    record = _record(future_knob=1, hf_reshape_version="99.0")
     with caplog.at_level(logging.WARNING, logger="hf_reshape.config"):
-        cfg = ReshapeConfig.from_pretrained(tmp_path)
-    assert cfg.top_k == 3
-    assert "future_knob" in caplog.text and "accepted" in caplog.text
+        cfg = ReshapeConfig.from_pretrained(_write_record(tmp_path, record))
+    assert cfg == ReshapeConfig("topk", top_k=3)
+    assert "future_knob" in caplog.text and "99.0" in caplog.text and "accepted" in caplog.text
+    # a newer version may add names, not drop one: a missing parameter stays an error
+    with pytest.raises(hf_reshape.InvalidParameterError, match="lacks"):
+        ReshapeConfig.from_dict(_record(top_k=_DROP, hf_reshape_version="99.0"))
 
 
 def test_config_loads_from_a_saved_model_folder(tmp_path):

@@ -185,11 +185,19 @@ def test_plain_forward_after_generate_is_unaffected(method, params):
     assert torch.equal(model(input_ids=ids).logits, before)
     # a step interrupted between the cache update and the attention leaves nothing behind for the next forward
     cache = ReshapeCache(model)
-    attn = model.transformer.h[0].attn
     k = torch.randn(1, 4, 3, 8)
     cache.update(k, k.clone(), 0)
     assert torch.equal(model(input_ids=ids).logits, before)
-    assert attn.hf_reshape.take_recurrent_state(k) is None
+
+
+def test_a_recurrent_cache_refuses_to_go_on_after_an_interrupted_step():
+    model = hf_reshape.reshape(tiny_model("gpt2"), "linear", chunk_size=4)
+    cache = ReshapeCache(model)
+    model(input_ids=ids_of(4), cache=cache, use_cache=True)
+    k = torch.randn(1, 4, 2, 8)
+    cache.update(k, k.clone(), 0)  # counted, but these keys never reach the attention function
+    with pytest.raises(RuntimeError, match="never reached hf_reshape's attention"):
+        model(input_ids=ids_of(1), cache=cache, use_cache=True)
 
 
 def test_a_cache_refuses_a_model_reshaped_since():

@@ -1,10 +1,10 @@
 """``hf-reshape bench``: speed and memory of every registered variant against torch SDPA, at op and model level.
 
 ```bash
-hf-reshape bench --quick --out /tmp/bench                 # seconds: tiny sizes, every code path
+hf-reshape bench --quick --out bench_quick                # seconds: tiny sizes, every code path
 hf-reshape bench --out bench_out                          # op level, T = 512 .. 16384 (memory to 32768)
 hf-reshape bench --level model --out bench_model          # BERT / ViT / GPT-2 shaped models
-hf-reshape bench --peers-python /path/to/peers-venv/bin/python   # + lucidrains' packages side by side
+hf-reshape bench --peers-python peers-venv/bin/python     # + lucidrains' packages (docs/bench/README.md)
 ```
 
 **Op level** (:mod:`hf_reshape.bench.op`): :func:`hf_reshape.functional.attention` of each variant on
@@ -102,8 +102,10 @@ def _git_state() -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from ..cli import DefaultsOnceHelpFormatter  # "(default: ...)" once per option
+
     p = argparse.ArgumentParser(prog="hf-reshape bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsOnceHelpFormatter)
     p.add_argument("--level", choices=["op", "model", "all"], default="op", help="op level, model level, or both")
     p.add_argument("--quick", action="store_true", help="tiny sizes and one round: a smoke run of every code path")
     p.add_argument("--out", default="bench_out", help="output folder (bench.json, bench.md, op.png)")
@@ -118,8 +120,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-max-T", type=int, default=None,
                    help="op level: also measure memory of the non-quadratic candidates up to here (default 2 x max-T)")
     p.add_argument("--no-memory", action="store_true", help="skip peak-memory measurements")
-    p.add_argument("--forms", nargs="+", choices=["bidirectional", "causal"], default=["bidirectional", "causal"])
-    p.add_argument("--modes", nargs="+", choices=["fwd", "fwd+bwd"], default=["fwd", "fwd+bwd"])
+    p.add_argument("--forms", nargs="+", choices=["bidirectional", "causal"], default=["bidirectional", "causal"],
+                   help="attention forms to time (a variant runs only the forms it has)")
+    p.add_argument("--modes", nargs="+", choices=["fwd", "fwd+bwd"], default=["fwd", "fwd+bwd"],
+                   help="forward only (under no_grad), and/or forward + backward")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 3; 1 with --quick)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls per candidate before the rounds")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
@@ -127,16 +131,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="Python with the peer packages (env HF_RESHAPE_PEERS_PYTHON); unset: peers are skipped")
     p.add_argument("--peers-max-T", type=int, default=4096, help="largest T for the peer comparison")
     g = p.add_argument_group("model level")
-    g.add_argument("--models", nargs="+", choices=["bert", "vit", "gpt2"], default=["bert", "vit", "gpt2"])
+    g.add_argument("--models", nargs="+", choices=["bert", "vit", "gpt2"], default=["bert", "vit", "gpt2"],
+                   help="BERT-base-shaped encoder, ViT-B/16-shaped encoder, GPT-2-small-shaped generation")
     g.add_argument("--bert-T", type=int, nargs="+", default=None, help="BERT lengths (default 1024 4096 16384)")
-    g.add_argument("--bert-layers", type=int, default=2)
+    g.add_argument("--bert-layers", type=int, default=2, help="BERT layers (BERT-base has 12)")
     g.add_argument("--vit-image", type=int, default=2048, help="ViT image side (pixels); 2048 -> 16385 tokens")
     g.add_argument("--vit-layers", type=int, default=2, help="ViT layers (ViT-B has 12)")
-    g.add_argument("--gpt2-prompt", type=int, default=4000)
-    g.add_argument("--gpt2-new", type=int, default=256)
+    g.add_argument("--gpt2-prompt", type=int, default=4000, help="GPT-2 prompt tokens before generation")
+    g.add_argument("--gpt2-new", type=int, default=256, help="GPT-2 tokens generated (greedy)")
     g.add_argument("--gpt2-short-prompt", type=int, default=100,
                    help="also time decoding after this many prompt tokens (latency growth); 0: skip")
-    g.add_argument("--gpt2-layers", type=int, default=12)
+    g.add_argument("--gpt2-layers", type=int, default=12, help="GPT-2 layers (GPT-2 small has 12)")
     return p
 
 

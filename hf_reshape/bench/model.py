@@ -123,7 +123,7 @@ def bert(cfg: ModelConfig, progress=None) -> tuple[list[dict], list]:
         calls = {n: (lambda m=m, f=forward: f(m)) for n, m in models.items()}
         if progress:
             progress(f"model bert T={t}: {', '.join(calls)}")
-        timings = interleaved(calls, cfg.rounds, cfg.warmup)
+        timings = interleaved(calls, cfg.rounds, cfg.warmup, label=f"model bert T={t}")
         rows += _rows("bert", t, timings, {"layers": cfg.bert_layers})
         memory_jobs += [("bert", t, n, c) for n, c in calls.items()]
     return rows, memory_jobs
@@ -150,7 +150,7 @@ def vit(cfg: ModelConfig, progress=None) -> tuple[list[dict], list]:
     calls = {n: (lambda m=m: forward(m)) for n, m in models.items()}
     if progress:
         progress(f"model vit {s}x{s} ({tokens} tokens): {', '.join(calls)}")
-    timings = interleaved(calls, cfg.rounds, cfg.warmup)
+    timings = interleaved(calls, cfg.rounds, cfg.warmup, label=f"model vit {s}x{s}")
     rows = _rows("vit", tokens, timings, {"image": s, "layers": cfg.vit_layers})
     return rows, [("vit", tokens, n, c) for n, c in calls.items()]
 
@@ -190,7 +190,7 @@ def gpt2(cfg: ModelConfig, progress=None) -> tuple[list[dict], list]:
             calls[f"{name}|short|1"] = lambda m=m: generate(m, 1, short)
     if progress:
         progress(f"model gpt2 prompt={p} new={n_new}: {', '.join(models)}")
-    timings = interleaved(calls, cfg.rounds, cfg.warmup)
+    timings = interleaved(calls, cfg.rounds, cfg.warmup, label=f"model gpt2 prompt={p}")
     rows = []
     full = {name: timings[f"{name}|{n_new}"] for name in models}
     first = {name: timings[f"{name}|1"] for name in models}

@@ -240,9 +240,10 @@ def run_timing(cfg: OpConfig, progress=None) -> dict:
             for mode in cfg.modes:
                 calls = {n: make_call(n, inputs, causal, mode, cfg.quick) for n in names}
                 skip = {n for n in names if slow.get((form, mode, n), 0.0) > 2.0}
+                stage = f"op T={t} {form} {mode}"
                 if progress:
-                    progress(f"op T={t} {form} {mode}: {', '.join(names)}")
-                timings = interleaved(calls, cfg.rounds, cfg.warmup, cfg.device, skip_warmup=skip)
+                    progress(f"{stage}: {', '.join(names)}")
+                timings = interleaved(calls, cfg.rounds, cfg.warmup, cfg.device, skip_warmup=skip, label=stage)
                 base = timings.get("sdpa", Timing())
                 for n in names:
                     tm = timings[n]

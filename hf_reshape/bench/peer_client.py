@@ -105,7 +105,7 @@ def run(python: str | None, cfg: op_bench.OpConfig, sizes, log_path=None, progre
                         calls[f"ours:{ours}"] = op_bench.make_call(ours, inputs, causal, mode, cfg.quick)
                     if progress:
                         progress(f"peers T={t} {form} {mode}: {', '.join(calls)}")
-                    timings = interleaved(calls, cfg.rounds, cfg.warmup)
+                    timings = interleaved(calls, cfg.rounds, cfg.warmup, label=f"peers T={t} {form} {mode}")
                     for p, ours in pairs:
                         peer_t = timings.get(f"peer:{p}", Timing(error=setup["errors"].get(p)))
                         ours_t = timings[f"ours:{ours}"]

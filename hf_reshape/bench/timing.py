@@ -81,6 +81,7 @@ def interleaved(
     device="cpu",
     skip_warmup: set[str] | None = None,
     on_call: Callable[[str], None] | None = None,
+    label: str | None = None,
 ) -> dict[str, Timing]:
     """Time each candidate ``rounds`` times, one call per candidate per round, rotating the order each round.
 
@@ -90,6 +91,8 @@ def interleaved(
         warmup: untimed calls per candidate before the first round.
         skip_warmup: names that get no warm-up (already warm and slow).
         on_call: called with the candidate's name before each call (progress display).
+        label: when given, a progress bar (tqdm, on stderr) over the group's calls, described as
+            ``"{label} warm-up: {name}"`` / ``"{label} round r/n: {name}"`` with the candidate about to run.
 
     Returns:
         name -> :class:`Timing`. A candidate that raises is dropped from later rounds and keeps its error text.
@@ -97,10 +100,12 @@ def interleaved(
     skip_warmup = skip_warmup or set()
     out = {name: Timing() for name in candidates}
     names = list(candidates)
+    bar = _progress_bar(label, sum(warmup for n in names if n not in skip_warmup) + rounds * len(names))
     for name in names:
         if name in skip_warmup:
             continue
         for _ in range(warmup):
+            _announce(bar, label, "warm-up", name)
             try:
                 candidates[name]()
             except Exception as err:  # noqa: BLE001 - a failing candidate is reported, not fatal
@@ -111,13 +116,31 @@ def interleaved(
         for name in order:
             if out[name].error:
                 continue
+            _announce(bar, label, f"round {r + 1}/{rounds}", name)
             if on_call:
                 on_call(name)
             try:
                 out[name].times.append(time_call(candidates[name], device))
             except Exception as err:  # noqa: BLE001
                 out[name].error = f"{type(err).__name__}: {err}"
+    if bar is not None:
+        bar.close()
     return out
+
+
+def _progress_bar(label: str | None, total: int):
+    if label is None:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=label, unit="call", leave=False)
+
+
+def _announce(bar, label: str | None, stage: str, name: str) -> None:
+    """Name the call about to run on the bar (``set_description`` redraws it now, before any timing starts)."""
+    if bar is not None:
+        bar.update()
+        bar.set_description(f"{label} {stage}: {name}")
 
 
 def paired_ratio(base: Timing, other: Timing) -> float | None:

@@ -66,11 +66,41 @@ def masked_softmax(scores: torch.Tensor, allowed: torch.Tensor | None, dim: int 
     return weights / torch.where(denom > 0, denom, torch.ones_like(denom))
 
 
+def empty_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *state: torch.Tensor, causal: bool = False
+) -> torch.Tensor:
+    """Zeros ``[B, H, T_q, D_v]`` for a call with nothing to attend (an empty batch, no heads, no queries or no
+    keys), as torch SDPA returns an empty result for empty inputs. The result stays on the inputs' autograd
+    graph, so a backward through it gives (empty or zero) gradients rather than an error."""
+    if causal:
+        causal_offset(q.shape[-2], k.shape[-2])  # the layout check every causal call makes
+    out = v.new_zeros(*q.shape[:-1], v.shape[-1])
+    inputs = (q, k, v, *state)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in inputs):
+        tie = sum(x.sum().to(out.dtype) for x in inputs)  # sums of empty tensors: 0, tied to every input
+        out = out + tie.masked_fill(torch.ones((), dtype=torch.bool, device=tie.device), 0.0)  # value and grad 0
+    return out
+
+
+def tracing() -> bool:
+    """Whether torch is recording this call into a graph (``torch.export``, ``torch.compile``, ``torch.jit.trace``)
+    rather than running it: then no branch may depend on tensor values (the graph would keep the branch its
+    example input took), and nothing created during the call may be cached (it is a fake or traced tensor)."""
+    exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or exporting()
+
+
 def padding_or_none(mask: torch.Tensor | None) -> torch.Tensor | None:
     """``mask`` if it pads some key, else ``None``: an all-True mask (what a tokenizer returns for an unpadded
     batch) means no padding, and the unpadded fast paths share one mask across sequences or need none. Costs
-    one device-to-host sync on an accelerator, far less than the masked work it saves."""
-    if mask is None or bool(mask.all()):
+    one device-to-host sync on an accelerator, far less than the masked work it saves.
+
+    While tracing (:func:`tracing`) a mask is always kept: the padded paths are exact for any mask, and a traced
+    graph must serve later masks too (asking ``mask.all()`` there is a data-dependent branch that
+    ``torch.export`` refuses and ``torch.jit.trace`` would freeze)."""
+    if mask is None or tracing():
+        return mask
+    if bool(mask.all()):
         return None
     return mask
 

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .common import LOW_PRECISION, autograd_records, causal_offset, padding_or_none, upcast
+from .common import LOW_PRECISION, autograd_records, causal_offset, empty_attention, padding_or_none, upcast
 from .feature_maps import FEATURE_MAP_GRADS, elu_plus_one
 
 DEFAULT_CHUNK = 64
@@ -85,6 +85,8 @@ def _normalise_backward(grad, out, raw, eps, d_o1):
 def linear_attention(q, k, v, *, mask=None, causal=False, phi, eps=1e-6, chunk_size=DEFAULT_CHUNK):
     """``out_i = phi(q_i) S_i / phi(q_i) z_i`` with ``S_i = sum_j phi(k_j) v_j^T``, ``z_i = sum_j phi(k_j)`` over
     the keys query ``i`` may see; a zero denominator (no allowed key) gives a zero output."""
+    if q.numel() == 0 or k.numel() == 0:
+        return empty_attention(q, k, v, causal=causal)  # no batch, heads, queries or keys: nothing to slice
     out_dtype = v.dtype
     mask = padding_or_none(mask)
     if not causal and phi in FEATURE_MAP_GRADS:
@@ -211,7 +213,7 @@ class _CausalChunked(torch.autograd.Function):
     Backward, with ``dO1`` the gradient of ``o1``: ``dP_c = tril(dO1_c v1_c^T)``,
     ``dfq_c = dP_c fk_c + dO1_c P_c^T``, ``dfk_c = dP_c^T fq_c + v1_c G_c^T``,
     ``dv1_c = tril(fq_c fk_c^T)^T dO1_c + fk_c G_c``, ``dstate1 = sum_c fq_c^T dO1_c``, where
-    ``G_c = sum_{c' > c} fq_c'^T dO1_c'`` (the suffix sum of later chunks).
+    ``G_c = sum_{c' > c} fq_c'^T dO1_c'`` (the suffix sum of later chunks, summed backwards: :func:`_later_sums`).
     """
 
     @staticmethod
@@ -245,18 +247,41 @@ class _CausalChunked(torch.autograd.Function):
         states = _prefix_states(fk, v1, state1)  # recomputed, not kept from forward
         d_p = torch.bmm(do, flat(v1).transpose(1, 2)).tril_()  # [BHn, C, C]
         d_fq = _times_prev_state(d_o1, states, state1, transpose=True).baddbmm_(d_p, flat(fk))
-        # suffix sums over later chunks, as total minus inclusive prefix (in place, in the spent states' memory)
+        # G_c, the sums over later chunks (in the spent states' memory)
         qd = torch.bmm(flat(fq).transpose(1, 2), do, out=_scratch(states, (bh * n, d, e))).view(bh, n, d, e)
-        total = qd.sum(1)  # [BH, D, E]: also the gradient of state1
-        later = qd.cumsum_(1).neg_().add_(total[:, None]).view(bh * n, d, e)
-        d_fk = torch.bmm(d_p.transpose(1, 2), flat(fq)).baddbmm_(flat(v1), later.transpose(1, 2))
+        total, later_next = _later_sums(qd, need_total=state1 is not None and ctx.needs_input_grad[3])
+        d_fk = torch.bmm(d_p.transpose(1, 2), flat(fq))
         intra = torch.bmm(flat(fq), flat(fk).transpose(1, 2), out=_scratch(d_p, (bh * n, c, c))).tril_()
-        d_v1 = torch.bmm(intra.transpose(1, 2), do).baddbmm_(flat(fk), later)
+        d_v1 = torch.bmm(intra.transpose(1, 2), do)
+        if n > 1:  # with one chunk per head no chunk comes later
+            d_fk[:-1].baddbmm_(flat(v1)[:-1], later_next.transpose(1, 2))
+            d_v1[:-1].baddbmm_(flat(fk)[:-1], later_next)
         shape = (bh, n, c)
-        return (
-            d_fq.view(*shape, d), d_fk.view(*shape, d), d_v1.view(*shape, e),
-            total if state1 is not None and ctx.needs_input_grad[3] else None, None,
-        )
+        return d_fq.view(*shape, d), d_fk.view(*shape, d), d_v1.view(*shape, e), total, None
+
+
+def _later_sums(qd, need_total):
+    """From the per-chunk ``qd_c = fq_c^T dO1_c`` ``[BH, n, D, E]`` (overwritten in place): the total over chunks
+    ``[BH, D, E]`` (the gradient of ``state1``; None unless ``need_total``) and ``G`` laid out for a one-row shift,
+    ``[BH * n - 1, D, E]``, whose row ``i`` is ``G`` of flat chunk ``i`` (the last chunk of every head, whose ``G``
+    is zero, meets the next head's zeroed first row).
+
+    The sums run from the last chunk backwards, never as "total minus running prefix": a query row with no
+    visible real key (left padding) has its output clamped, ``out = num / eps``, so its numerator gradient
+    ``g / eps`` is about 1e6 times the others. Its contributions to ``dk``/``dv`` are exactly zero (the keys it
+    sees are pads, ``v1 = 0``, or have features orthogonal to it, which ``phi'`` zeroes), but a difference of two
+    sums that both hold it keeps only its rounding error: in float32, errors as large as the gradient itself.
+    One in-place add per chunk over ``[BH, D, E]`` (measured faster than ``cumsum`` along the chunk axis, and
+    than flipping, on CPU: no fresh memory).
+    """
+    bh, n, d, e = qd.shape
+    for c in range(n - 2, -1, -1):
+        qd[:, c].add_(qd[:, c + 1])  # qd[:, c] = sum over chunks c' >= c
+    total = qd[:, 0].clone() if need_total else None
+    # G of chunk c is the inclusive sum of chunk c + 1: read one row ahead in the flat layout, where a head's
+    # first row (its total) would otherwise be the G of the previous head's last chunk
+    qd[:, 0].zero_()
+    return total, qd.view(bh * n, d, e)[1:]
 
 
 def _bidirectional_rows(q: torch.Tensor, e: int) -> int:

@@ -2,8 +2,9 @@
 
 * Linformer (Wang et al. 2020): keys and values are projected along the sequence by learned ``E, F`` of shape
   ``[proj_len, max_length]``; cost ``O(T k)``. Column ``r`` of ``E`` multiplies the ``r``-th *real* token, so
-  the result does not depend on where padding sits, and a projected key that receives no real token is
-  masked out (with identity projections this is exactly softmax attention).
+  the result does not depend on where padding sits, and a projected key that receives no real token (by the
+  projections' layout, not their values) is masked out (with identity projections this is exactly softmax
+  attention).
 * Nyströmformer (Xiong et al. 2021): ``softmax(Q Kl^T) pinv(softmax(Ql Kl^T)) softmax(Ql K^T) V`` with
   segment-mean landmarks over real tokens and the iterative pseudo-inverse of Razavi et al. 2014;
   cost ``O(T m)``.
@@ -20,7 +21,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import dropout_probs, masked_softmax, padding_or_none, sdpa_zero_empty_rows, token_ranks, upcast
+from .common import (
+    dropout_probs,
+    empty_attention,
+    masked_softmax,
+    padding_or_none,
+    sdpa_zero_empty_rows,
+    token_ranks,
+    upcast,
+)
 
 
 def _check_square(q, k, name):
@@ -28,22 +37,49 @@ def _check_square(q, k, name):
         raise ValueError(f"{name} is bidirectional self-attention and needs T_q == T_k, got {q.shape[-2]} and {k.shape[-2]}")
 
 
-def linformer_attention(q, k, v, *, mask=None, scaling, proj_k, proj_v, dropout=0.0, training=False):
+LINFORMER_LAYOUTS = ("segments", "dense")
+
+
+def linformer_columns_used(n, p, max_length, layout):
+    """``[B, P]`` bool: which projected columns receive a real token, for ``n`` ``[B]`` real tokens per sequence.
+
+    Decided by the layout of the projections, never by their values (a learned entry passing through zero must
+    not switch a key on or off): ``"segments"`` (``init="mean"``) maps the real token of rank ``r`` to column
+    ``floor(r P / N)``, so column ``c`` first receives rank ``ceil(c N / P)`` and is used once ``n`` exceeds that;
+    ``"dense"`` (``init="normal"``) gives every column every token, so all columns are used once ``n >= 1``."""
+    if layout not in LINFORMER_LAYOUTS:
+        raise ValueError(f"linformer layout must be one of {list(LINFORMER_LAYOUTS)}, got {layout!r}")
+    if layout == "dense":
+        return (n > 0)[:, None].expand(n.shape[0], p)
+    cols = torch.arange(p, device=n.device)
+    first_rank = (cols * max_length + p - 1) // p  # ceil(c N / P)
+    return first_rank[None, :] < n[:, None]
+
+
+def linformer_attention(
+    q, k, v, *, mask=None, scaling, proj_k, proj_v, layout="dense", dropout=0.0, training=False
+):
+    """Attention over keys and values projected along the sequence, ``E K`` and ``F V``, column ``r`` of ``E, F``
+    taking the ``r``-th real token. ``layout`` (see :func:`linformer_columns_used`) says which projected keys
+    are empty for a given number of real tokens; those are masked out."""
     _check_square(q, k, "linformer")
+    if q.numel() == 0:
+        return empty_attention(q, k, v, proj_k, proj_v)  # no batch, heads or tokens
     mask = padding_or_none(mask)
     bsz, t = q.shape[0], k.shape[-2]
     proj_k, proj_v = proj_k.to(k.dtype), proj_v.to(v.dtype)
     if mask is None:
         e = proj_k[:, :t].expand(bsz, -1, -1)  # [B, P, T]
         f = proj_v[:, :t].expand(bsz, -1, -1)
+        n = torch.full((bsz,), t, device=q.device)
     else:
-        ranks, _ = token_ranks(mask)
+        ranks, n = token_ranks(mask)
         keep = mask[:, None, :].to(k.dtype)
         # E_eff[b, :, j] = E[:, rank of token j] for real tokens, 0 for pads
         e = proj_k[:, ranks].transpose(0, 1) * keep  # [B, P, T]
         f = proj_v[:, ranks].transpose(0, 1) * keep
     kp, vp = _project(e, k), _project(f, v)  # [B, H, P, D]
-    valid = (e != 0).any(-1)  # [B, P]: projected keys that received a real token
+    valid = linformer_columns_used(n, proj_k.shape[0], proj_k.shape[-1], layout)  # [B, P]
     if dropout > 0.0 and training:
         # dropout acts on the probabilities, which SDPA does not expose
         scores = torch.matmul(q, kp.transpose(-1, -2)) * scaling  # [B, H, T, P]
@@ -91,6 +127,8 @@ def nystrom_attention(q, k, v, *, mask=None, scaling, num_landmarks, pinv_iterat
     ``[m, T]``-sized work touches the sequence: the two wide softmax products are SDPA calls (fused kernels
     that keep neither ``[T, m]`` nor ``[m, T]`` probabilities for backward), the ``[m, m]`` middle is explicit."""
     _check_square(q, k, "nystrom")
+    if q.numel() == 0:
+        return empty_attention(q, k, v)  # no batch, heads or tokens: no landmark to take
     mask = padding_or_none(mask)
     out_dtype = v.dtype
     q, k, v = upcast(q, k, v)
@@ -140,6 +178,8 @@ def _truncated(p, rank):
 
 def svd_attention(q, k, v, *, mask=None, scaling, rank, dropout=0.0, training=False):
     _check_square(q, k, "svd")
+    if q.numel() == 0:
+        return empty_attention(q, k, v)  # no batch, heads or tokens: no matrix to decompose
     out_dtype = v.dtype
     q, k, v = upcast(q, k, v)
 
@@ -147,8 +187,12 @@ def svd_attention(q, k, v, *, mask=None, scaling, rank, dropout=0.0, training=Fa
         p = torch.softmax(torch.matmul(qb, kb.transpose(-1, -2)) * scaling, -1)
         return torch.matmul(dropout_probs(_truncated(p, rank), dropout, training), vb)
 
-    if mask is None or bool(mask.all()):
+    mask = padding_or_none(mask)
+    if mask is None:
         return attend(q, k, v).to(out_dtype)
+    if torch.compiler.is_compiling():
+        # torch.export / torch.compile: no data-dependent sizes, so no per-sequence real block
+        return _svd_padded_in_place(q, k, v, mask, scaling, rank, dropout, training).to(out_dtype)
     # Padded rows and columns would add repeated zero singular values, whose SVD gradient is undefined (NaN):
     # decompose each sequence's real block instead. Padded queries get zeros.
     outs = []
@@ -159,3 +203,26 @@ def svd_attention(q, k, v, *, mask=None, scaling, rank, dropout=0.0, training=Fa
             out = out.index_copy(1, idx, attend(q[b][:, idx], k[b][:, idx], v[b][:, idx]))
         outs.append(out)
     return torch.stack(outs).to(out_dtype)
+
+
+def _svd_padded_in_place(q, k, v, mask, scaling, rank, dropout, training):
+    """The per-sequence result without cutting out the real blocks (shapes independent of the mask, for graphs).
+
+    ``P`` is the masked softmax with padded rows and columns zeroed, so it is block diagonal (real block, zero
+    block); the zero block gets distinct diagonal values above any singular value of the real block (a
+    row-stochastic ``n x n`` block has ``||P||_2 <= sqrt(n)``), so the SVD's leading ``n_pad`` components are
+    exactly the pads, all singular values of the pad block are distinct (no NaN in the SVD gradient), and
+    keeping the leading ``rank + n_pad`` components keeps the real block's top ``rank``. Rows and columns of
+    the real block never mix with the pad block, and padded queries are zeroed."""
+    t = q.shape[-2]
+    key_ok = mask[:, None, None, :]
+    row_ok = mask[:, None, :, None].to(q.dtype)
+    p = masked_softmax(torch.matmul(q, k.transpose(-1, -2)) * scaling, key_ok) * row_ok  # [B, H, T, T]
+    pads = ~mask  # [B, T]
+    ramp = torch.arange(t, device=q.device, dtype=q.dtype) / t + (t**0.5 + 1.0)  # distinct, > sqrt(T)
+    p = p + torch.diag_embed(ramp * pads.to(q.dtype))[:, None]
+    u, s, vh = torch.linalg.svd(p, full_matrices=False)
+    keep = torch.arange(t, device=q.device)[None, :] < (rank + pads.sum(-1))[:, None]  # [B, T]
+    p_r = (u * (s * keep[:, None, :].to(s.dtype))[..., None, :]) @ vh
+    out = torch.matmul(dropout_probs(p_r, dropout, training), v)
+    return out * row_ok

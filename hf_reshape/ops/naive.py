@@ -52,9 +52,11 @@ def linear_reference(q, k, v, *, mask=None, causal=False, phi, eps):
     return torch.matmul(a, v) / a.sum(-1, keepdim=True).clamp_min(eps)
 
 
-def linformer_reference(q, k, v, *, mask=None, scaling, proj_k, proj_v):
+def linformer_reference(q, k, v, *, mask=None, scaling, proj_k, proj_v, layout="dense"):
     """Per sequence: gather its real tokens, project them with the first ``n`` columns of E and F, and attend
-    over the projected keys that received at least one real token."""
+    over the projected keys that received at least one real token: under the ``"segments"`` layout
+    (``init="mean"``) real token ``r`` goes to column ``floor(r P / N)``, under ``"dense"`` to every column."""
+    p_len, n_max = proj_k.shape
     outs = []
     for b in range(q.shape[0]):
         idx = _real_tokens(mask, b, k)
@@ -62,7 +64,11 @@ def linformer_reference(q, k, v, *, mask=None, scaling, proj_k, proj_v):
         e, f = proj_k[:, :n], proj_v[:, :n]  # [P, n]
         kp = torch.matmul(e, k[b][:, idx])  # [H, P, D]
         vp = torch.matmul(f, v[b][:, idx])
-        valid = (e != 0).any(-1)  # [P]
+        if layout == "segments":
+            used = {r * p_len // n_max for r in range(n)}
+            valid = torch.tensor([c in used for c in range(p_len)], device=q.device)  # [P]
+        else:
+            valid = torch.full((p_len,), n > 0, device=q.device)
         scores = torch.matmul(q[b], kp.transpose(-1, -2)) * scaling
         outs.append(torch.matmul(masked_softmax(scores, valid[None, None, :].expand_as(scores)), vp))
     return torch.stack(outs)

@@ -2,4 +2,4 @@
 (a validated dataclass), the adapters from the registry's calling convention to :mod:`hf_reshape.ops`, and
 its per-layer state if it has any."""
 
-from . import linear, linformer, nystrom, sliding_window, svd, topk  # noqa: F401
+from . import hedgehog, linear, linformer, nystrom, sliding_window, svd, topk  # noqa: F401

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from ..ops import low_rank, naive
-from ..registry import VariantParams, check_choice, check_int, register_variant
+from .. import attention_weights
+from ..registry import VariantParams, capped_default, check_choice, check_int, register_variant
 from ..errors import InvalidParameterError, SequenceTooLongError
 
 INITS = ("mean", "normal")
@@ -73,14 +74,24 @@ def _forward(q, k, v, *, mask, causal, scaling, params, dropout=0.0, training=Fa
     _check_state(proj_k, proj_v, params)
     _check_length(k.shape[-2], proj_k)
     return low_rank.linformer_attention(
-        q, k, v, mask=mask, scaling=scaling, proj_k=proj_k, proj_v=proj_v, dropout=dropout, training=training
+        q, k, v, mask=mask, scaling=scaling, proj_k=proj_k, proj_v=proj_v, layout=_layout(params), dropout=dropout,
+        training=training,
     )
 
 
 def _reference(q, k, v, *, mask, causal, scaling, params, proj_k=None, proj_v=None):
     _check_state(proj_k, proj_v, params)
     _check_length(k.shape[-2], proj_k)
-    return naive.linformer_reference(q, k, v, mask=mask, scaling=scaling, proj_k=proj_k, proj_v=proj_v)
+    return naive.linformer_reference(
+        q, k, v, mask=mask, scaling=scaling, proj_k=proj_k, proj_v=proj_v, layout=_layout(params)
+    )
+
+
+def _layout(params):
+    """Which real tokens each projected column takes, from how the projections were laid out (``init``), never
+    from their values: ``"mean"`` gives each column a contiguous segment of ranks, ``"normal"`` every rank. A
+    projected key is masked exactly while its segment holds no real token, however E is trained."""
+    return "segments" if params.init == "mean" else "dense"
 
 
 def _prepare(params, facts):
@@ -105,4 +116,7 @@ register_variant(
     description="keys/values projected to length k by learned E, F (masked keys contribute nothing)",
     small_params={"proj_len": 8, "init": "normal"},
     paper="Wang et al. 2020, Linformer",
+    weights=attention_weights.linformer_weights,
+    weights_over_keys=False,
+    fit_defaults=capped_default("proj_len", by="max_length", fact="max_positions"),
 )

@@ -3,6 +3,7 @@ when causal)."""
 
 from dataclasses import dataclass, field
 
+from .. import attention_weights
 from ..ops import naive, sparse
 from ..registry import VariantParams, check_int, register_variant
 
@@ -42,4 +43,5 @@ register_variant(
     description="local attention within a band of half-width `window`",
     small_params={"window": 3, "block_size": 4},
     paper="Beltagy et al. 2020, Longformer; Child et al. 2019, Sparse Transformers",
+    weights=attention_weights.sliding_window_weights,
 )

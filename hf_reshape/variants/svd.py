@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass, field
 
+from .. import attention_weights
 from ..ops import low_rank, naive
 from ..registry import VariantParams, check_int, register_variant
 
@@ -35,4 +36,5 @@ register_variant(
     description="attention matrix truncated to its top singular values (analysis baseline)",
     small_params={"rank": 4},
     paper="Eckart-Young; used as the low-rank baseline in Wang et al. 2020 (Linformer), Sec. 3",
+    weights=attention_weights.svd_weights,
 )

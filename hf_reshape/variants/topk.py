@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass, field
 
+from .. import attention_weights
 from ..ops import naive, sparse
 from ..registry import VariantParams, check_int, register_variant
 
@@ -36,4 +37,5 @@ register_variant(
     description="softmax over each query's top_k scores",
     small_params={"top_k": 5},
     paper="Gupta et al. 2021, Memory-efficient Transformers via Top-k Attention; Wang et al. 2022, KVT",
+    weights=attention_weights.topk_weights,
 )

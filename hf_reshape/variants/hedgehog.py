@@ -1,0 +1,113 @@
+"""``hedgehog``: linear attention with a learnable feature map per head, ``phi(x) = [softmax(x W), softmax(-x W)]``
+over the feature dimension (Zhang et al. 2024, "The Hedgehog & the Porcupine: Expressive Linear Attentions with
+Softmax Mimicry"; queries and keys get separate maps, as in LoLCATs, Zhang et al. 2024).
+
+The maps are initialised to the identity (``W = I``), so a reshaped model is usable before any training: the
+attention weights ``phi(q_i) . phi(k_j)`` are positive and rise with the alignment of ``q_i`` and ``k_j``. Attention
+transfer (:func:`hf_reshape.transfer`) then trains ``W`` to mimic softmax: the attention-output MSE plus, since the
+variant's weights live over the same keys as softmax's, the KL between the two attention distributions (the
+Hedgehog loss). Cost is that of linear attention with feature dimension ``2 F``: ``O(T F D)``, no ``T x T``.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import InvalidParameterError
+from ..ops import linear as linear_ops
+from ..ops import naive
+from ..registry import VariantParams, check_float, check_int, register_variant
+
+
+@dataclass
+class HedgehogParams(VariantParams):
+    feature_dim: int | None = field(
+        default=None, metadata={"help": "F, features per half of the map (2F in all); None = the head dim"}
+    )
+    eps: float = field(default=1e-6, metadata={"help": "lower bound of the denominator (no allowed key -> 0)"})
+    chunk_size: int = field(default=64, metadata={"help": "chunk of the causal chunked kernel (speed knob only)"})
+
+    def validate(self):
+        check_int("feature_dim", self.feature_dim, optional=True)
+        check_float("eps", self.eps)
+        check_int("chunk_size", self.chunk_size)
+
+
+def init_state(params, *, num_heads, head_dim, **_):
+    f = params.feature_dim or head_dim
+    if f < head_dim:
+        eye = torch.eye(head_dim)[:, :f]
+    else:
+        eye = torch.cat([torch.eye(head_dim), torch.zeros(head_dim, f - head_dim)], -1)
+    w = eye.expand(num_heads, head_dim, f).clone()  # [H, D, F]
+    return {"map_q": nn.Parameter(w.clone()), "map_k": nn.Parameter(w.clone())}
+
+
+def feature_map(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``[softmax(x W), softmax(-x W)]`` per head: ``x`` ``[B, H, T, D]``, ``weight`` ``[H, D, F]`` -> ``[B, H, T, 2F]``.
+    Computed in float32 for half-precision inputs."""
+    if weight.dim() != 3 or weight.shape[0] != x.shape[1] or weight.shape[1] != x.shape[-1]:
+        raise InvalidParameterError(
+            f"hedgehog feature map of shape {tuple(weight.shape)} does not fit [H, D, F] for inputs {tuple(x.shape)}"
+        )
+    dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    proj = torch.einsum("bhtd,hdf->bhtf", x.to(dtype), weight.to(dtype))
+    return torch.cat([torch.softmax(proj, -1), torch.softmax(-proj, -1)], -1)
+
+
+def _check(map_q, map_k):
+    if map_q is None or map_k is None:
+        raise InvalidParameterError(
+            "hedgehog needs its state tensors `map_q` and `map_k` of shape [H, D, F]; make them with "
+            "hf_reshape.functional.init_state('hedgehog', num_heads=..., head_dim=...)"
+        )
+
+
+def _identity(x):
+    return x
+
+
+def _forward(q, k, v, *, mask, causal, scaling, params, dropout=0.0, training=False, map_q=None, map_k=None):
+    _check(map_q, map_k)
+    fq, fk = feature_map(q, map_q), feature_map(k, map_k)
+    out = linear_ops.linear_attention(fq, fk, v, mask=mask, causal=causal, phi=_identity, eps=params.eps,
+                                      chunk_size=params.chunk_size)
+    return out.to(v.dtype)
+
+
+def _reference(q, k, v, *, mask, causal, scaling, params, map_q=None, map_k=None):
+    _check(map_q, map_k)
+    fq, fk = feature_map(q, map_q), feature_map(k, map_k)
+    return naive.linear_reference(fq, fk, v.to(fq.dtype), mask=mask, causal=causal, phi=_identity, eps=params.eps)
+
+
+def weights(q, k, v, *, mask, causal, scaling, params, map_q=None, map_k=None):
+    """The attention distribution ``phi(q_i) . phi(k_j) / sum_j'`` over allowed keys ``[B, H, T_q, T_k]`` (a row with
+    no allowed key is zero)."""
+    from ..ops.common import allowed_mask
+
+    _check(map_q, map_k)
+    a = torch.matmul(feature_map(q, map_q), feature_map(k, map_k).transpose(-1, -2))
+    allowed = allowed_mask(mask, q.shape[-2], k.shape[-2], causal, q.device)
+    if allowed is not None:
+        a = a * allowed
+    return a / a.sum(-1, keepdim=True).clamp_min(params.eps)
+
+
+register_variant(
+    name="hedgehog",
+    family="linear",
+    params_cls=HedgehogParams,
+    forward=_forward,
+    reference=_reference,
+    init_state=init_state,
+    state_names=("map_q", "map_k"),
+    weights=weights,
+    weights_over_keys=True,
+    complexity="O(T F D) time, O(T F + F D) memory (causal: chunked)",
+    quadratic=False,
+    description="linear attention with a learnable softmax feature map per head, trained to mimic softmax",
+    small_params={"chunk_size": 4},
+    paper="Zhang et al. 2024, The Hedgehog & the Porcupine (ICLR); Zhang et al. 2024, LoLCATs",
+)
