@@ -22,7 +22,7 @@ from .errors import (
 )
 from .integration import ATTN_IMPLEMENTATION
 from .registry import VariantParams, VariantSpec, get_variant, list_variants, register_variant
-from .reshape import from_pretrained, get_reshape_config, reshape, unreshape
+from .reshape import extend_positions, from_pretrained, get_reshape_config, reshape, unreshape
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
@@ -38,6 +38,7 @@ __all__ = [
     "VariantParams",
     "VariantSpec",
     "attention_parameters",
+    "extend_positions",
     "from_pretrained",
     "functional",
     "get_reshape_config",

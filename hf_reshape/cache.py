@@ -1,5 +1,7 @@
-"""Generation caches for reshaped models: an O(1) recurrent state for ``linear``, the last ``window`` keys for
-``sliding_window``, transformers' ordinary ``DynamicLayer`` for everything else.
+"""Generation caches for reshaped models: an O(1) recurrent state for the linearized variants (``linear`` and every
+variant whose spec declares its feature maps, ``VariantSpec.features``: ``hedgehog``, ``performer``, ``cosformer``,
+``t2r``, ``taylor``), the last ``window`` keys for ``sliding_window``, transformers' ordinary ``DynamicLayer`` for
+everything else.
 
 ``reshape()`` installs a small hook on the model so that ``model.generate(...)`` builds a :class:`ReshapeCache`
 by itself; ``unreshape()`` removes it. A cache passed by the user (``cache=...`` or the deprecated
@@ -19,7 +21,10 @@ that misses those tokens.
 Design notes and sources:
 
 * The running sums are the RNN form of Katharopoulos et al. 2020, "Transformers are RNNs":
-  ``S_i = S_{i-1} + phi(k_i) v_i^T``, ``z_i = z_{i-1} + phi(k_i)``, ``out_i = phi(q_i) S_i / phi(q_i) z_i``.
+  ``S_i = S_{i-1} + phi(k_i) v_i^T``, ``z_i = z_{i-1} + phi(k_i)``, ``out_i = phi(q_i) S_i / phi(q_i) z_i``, with
+  ``phi`` the variant's feature maps (``VariantSpec.features``), so the state is ``F x D_v`` for ``F`` features. A
+  feature map that depends on the position (``cosformer``) gets the absolute position of the new tokens, the
+  number of tokens seen before them, which the layer counts.
 * The layer structure (one object per layer, ``get_mask_sizes`` telling the mask function which slice of the 2D
   padding mask the current keys need) follows transformers' ``cache_utils.DynamicSlidingWindowLayer`` and
   ``LinearAttentionLayer``. transformers' sliding layer is not reused: it keeps ``sliding_window - 1`` keys,
@@ -37,11 +42,12 @@ from transformers.generation.configuration_utils import GenerationMode
 
 from .architectures import get_architecture, self_attention_modules
 from .integration import ATTN_IMPLEMENTATION, STATE_ATTR, ReshapedAttention, hand_over
-from .ops.common import LOW_PRECISION
-from .ops.feature_maps import FEATURE_MAPS
+from .ops.common import LOW_PRECISION, masked_softmax
 from .ops.linear import causal_linear_chunked
+from .errors import UnknownVariantError
+from .registry import get_variant
 
-__all__ = ["LinearRecurrentLayer", "ReshapeCache", "SlidingWindowLayer", "cache_nbytes"]
+__all__ = ["LinearRecurrentLayer", "ReshapeCache", "SinkWindowLayer", "SlidingWindowLayer", "cache_nbytes"]
 
 HOOK_ATTR = "_prepare_cache_for_generation"  # GenerationMixin method shadowed per instance by reshape()
 # modes whose cache is only appended to (and, for beams, reordered): a recurrent state serves them; assisted decoding
@@ -75,8 +81,10 @@ class _ReshapeLayerMixin:
 
 
 class LinearRecurrentLayer(_ReshapeLayerMixin, CacheLayerMixin):
-    """Recurrent state of one causal ``linear`` layer: ``S = sum_j phi(k_j) v_j^T`` (``[B, H, D, D_v]``) and
-    ``z = sum_j phi(k_j)`` (``[B, H, D]``) over the real tokens seen, in float32 for half-precision models.
+    """Recurrent state of one causal linearized layer (``linear``, or any variant with ``VariantSpec.features``):
+    ``S = sum_j phi(k_j) v_j^T`` (``[B, H, F, D_v]``) and ``z = sum_j phi(k_j)`` (``[B, H, F]``) over the real tokens
+    seen, ``F`` the variant's feature dimension, in float32 for half-precision models. Both are sized at the first
+    step, from the features of its keys.
 
     Args:
         attention_module (`nn.Module`):
@@ -86,27 +94,31 @@ class LinearRecurrentLayer(_ReshapeLayerMixin, CacheLayerMixin):
     def __init__(self, attention_module: nn.Module):
         super().__init__()
         self._module = weakref.ref(attention_module)
+        holder = getattr(attention_module, STATE_ATTR, None)
+        self.method = holder.method if isinstance(holder, ReshapedAttention) else None
         self.state: torch.Tensor | None = None
         self.norm: torch.Tensor | None = None
         self.seen = 0
         self.pending = 0  # tokens counted by `update` whose keys the attention function has not folded in yet
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        # the feature maps are elementwise, so phi(k) keeps the head dim D of k
-        b, h, _, d = key_states.shape
-        dtype = torch.float32 if key_states.dtype in LOW_PRECISION else key_states.dtype
+        # the state's size depends on the feature maps: the first `attend` allocates it from phi(k)
+        self.dtype = torch.float32 if key_states.dtype in LOW_PRECISION else key_states.dtype
         self.device = key_states.device
-        self.state = torch.zeros(b, h, d, value_states.shape[-1], dtype=dtype, device=self.device)  # [B, H, D, Dv]
-        self.norm = torch.zeros(b, h, d, dtype=dtype, device=self.device)  # [B, H, D]
         self.is_initialized = True
+
+    def _allocate(self, fk: torch.Tensor, value: torch.Tensor) -> None:
+        b, h, _, f = fk.shape
+        self.state = torch.zeros(b, h, f, value.shape[-1], dtype=self.dtype, device=self.device)  # [B, H, F, Dv]
+        self.norm = torch.zeros(b, h, f, dtype=self.dtype, device=self.device)  # [B, H, F]
 
     def _holder(self) -> ReshapedAttention:
         module = self._module()
         holder = None if module is None else getattr(module, STATE_ATTR, None)
-        if not isinstance(holder, ReshapedAttention) or holder.method != "linear":
+        if not isinstance(holder, ReshapedAttention) or holder.method != self.method:
             raise RuntimeError(
-                "this ReshapeCache was built for a `linear` layer that is no longer there (the model was reshaped "
-                "again or unreshaped): start generation with a fresh cache"
+                f"this ReshapeCache was built for a `{self.method}` layer that is no longer there (the model was "
+                "reshaped again or unreshaped): start generation with a fresh cache"
             )
         if getattr(getattr(module, "config", None), "_attn_implementation", ATTN_IMPLEMENTATION) != ATTN_IMPLEMENTATION:
             raise RuntimeError(
@@ -132,13 +144,15 @@ class LinearRecurrentLayer(_ReshapeLayerMixin, CacheLayerMixin):
         self.pending = key_states.shape[-2]
         return hand_over(key_states, self), value_states
 
-    def attend(self, query, key, value, mask, params) -> torch.Tensor:
+    def attend(self, query, key, value, mask, params, scaling=None) -> torch.Tensor:
         """Causal linear attention of the new queries over the state plus the new keys, then fold the new keys in.
 
         Args:
             query, key (`torch.Tensor` of shape `[B, H, T, D]`), value (`[B, H, T, D_v]`): the new tokens only.
             mask (`torch.Tensor` of shape `[B, T]`, *optional*): key-padding mask of the new tokens (True = real).
-            params (`LinearParams`): the layer's variant parameters.
+            params (`VariantParams`): the layer's variant parameters (with `eps` and `chunk_size`).
+            scaling (`float`, *optional*): the model's softmax scale (`1 / sqrt(D)` if not given), for the feature
+                maps that approximate softmax (`performer`, `taylor`).
 
         Returns:
             `torch.Tensor` of shape `[B, H, T, D_v]`, in the dtype of `value`.
@@ -147,14 +161,22 @@ class LinearRecurrentLayer(_ReshapeLayerMixin, CacheLayerMixin):
             raise ValueError(
                 f"a recurrent step needs as many queries as new keys, got {query.shape[-2]} and {key.shape[-2]}"
             )
-        phi = FEATURE_MAPS[params.feature_map]
-        fq, fk, v = phi(query), phi(key), value
+        holder = self._holder()
+        state = {name: getattr(holder, name) for name in holder.state_names}
+        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        offset = self.seen - key.shape[-2]  # absolute position of the first new token
+        fq, fk = get_variant(self.method).features(
+            query, key, params=params, scaling=scaling, q_offset=offset, k_offset=offset, **state
+        )
+        v = value
+        if self.state is None:
+            self._allocate(fk, value)
         dtype = self.state.dtype
         fq, fk, v = fq.to(dtype), fk.to(dtype), v.to(dtype)
         if mask is not None:
             # a padded key never enters the sums
             fk = fk * mask[:, None, :, None].to(dtype)
-        kv = torch.matmul(fk.transpose(-1, -2), v)  # [B, H, D, Dv]
+        kv = torch.matmul(fk.transpose(-1, -2), v)  # [B, H, F, Dv]
         if fq.shape[-2] == 1:
             # one token: the recurrence itself (its own key is part of what it sees)
             self.state = self.state + kv
@@ -180,33 +202,33 @@ class LinearRecurrentLayer(_ReshapeLayerMixin, CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        if self.is_initialized:
+        if self.state is not None:
             self.state.zero_()
             self.norm.zero_()
         self.seen = 0
         self.pending = 0
 
     def offload(self):
-        if self.is_initialized:
+        if self.state is not None:
             self.state, self.norm = self.state.to("cpu", non_blocking=True), self.norm.to("cpu", non_blocking=True)
 
     def prefetch(self):
-        if self.is_initialized and self.state.device != self.device:
+        if self.state is not None and self.state.device != self.device:
             self.state = self.state.to(self.device, non_blocking=True)
             self.norm = self.norm.to(self.device, non_blocking=True)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        if self.is_initialized:
+        if self.state is not None:
             self.state = self.state.index_select(0, beam_idx.to(self.state.device))
             self.norm = self.norm.index_select(0, beam_idx.to(self.norm.device))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.is_initialized:
+        if self.state is not None:
             self.state = self.state.repeat_interleave(repeats, dim=0)
             self.norm = self.norm.repeat_interleave(repeats, dim=0)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.is_initialized:
+        if self.state is not None:
             self.state, self.norm = self.state[indices], self.norm[indices]
 
 
@@ -252,26 +274,231 @@ class SlidingWindowLayer(_ReshapeLayerMixin, DynamicLayer):
         self.seen = 0
 
 
+class SinkWindowLayer(_ReshapeLayerMixin, CacheLayerMixin):
+    """The attention sinks and the last ``window`` keys of one causal ``sink_window`` layer (StreamingLLM, Xiao et
+    al. 2024): ``num_sink + window`` keys and values whatever the number of tokens seen.
+
+    The sinks are the first ``num_sink`` *real* tokens of each sequence, so which keys to keep depends on the
+    key-padding mask, which only the attention function sees: like :class:`LinearRecurrentLayer`, ``update`` hands
+    this layer to the attention call with the new keys (:func:`hf_reshape.integration.hand_over`), and
+    :meth:`attend` computes the output from the kept keys plus the new ones, then keeps what the next step needs.
+    Positions are not touched: a model whose positions enter at its input (GPT-2, BERT) gave each kept key its
+    position when it was computed, so a cache step sees exactly what recomputing the whole sequence with the
+    ``sink_window`` forward sees (the position ids are the model's own; they must stay inside its position table,
+    see ``hf_reshape.reshape(..., max_positions=...)``).
+
+    State per sequence of the batch: ``sink_keys``/``sink_values`` ``[B, H, num_sink, D]`` with ``sinks_filled``
+    ``[B]`` (how many slots hold a real token), and ``keys``/``values`` ``[B, H, <= window, D]``, the last
+    ``window`` positions, with ``window_ok`` ``[B, <= window]`` (a real token that is not a sink: a sink is
+    attended once, through its slot).
+
+    Args:
+        attention_module (`nn.Module`):
+            The transformers attention module whose ``hf_reshape`` holder runs the attention (held weakly).
+    """
+
+    def __init__(self, attention_module: nn.Module):
+        super().__init__()
+        self._module = weakref.ref(attention_module)
+        self.sink_keys = self.sink_values = self.sinks_filled = self.window_ok = None
+        self.seen = 0
+        self.pending = 0  # tokens counted by `update` that the attention function has not kept yet
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, h, _, d = key_states.shape
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys = key_states.new_zeros(b, h, 0, d)
+        self.values = value_states.new_zeros(b, h, 0, value_states.shape[-1])
+        self.window_ok = torch.zeros(b, 0, dtype=torch.bool, device=self.device)
+        self.is_initialized = True
+
+    def _holder(self) -> ReshapedAttention:
+        module = self._module()
+        holder = None if module is None else getattr(module, STATE_ATTR, None)
+        if not isinstance(holder, ReshapedAttention) or holder.method != "sink_window":
+            raise RuntimeError(
+                "this ReshapeCache was built for a `sink_window` layer that is no longer there (the model was "
+                "reshaped again or unreshaped): start generation with a fresh cache"
+            )
+        if getattr(getattr(module, "config", None), "_attn_implementation", ATTN_IMPLEMENTATION) != ATTN_IMPLEMENTATION:
+            raise RuntimeError(
+                f"the model's attention implementation is {module.config._attn_implementation!r}, not "
+                f"{ATTN_IMPLEMENTATION!r}: a ReshapeCache only works with hf_reshape's attention function"
+            )
+        return holder
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Count the new tokens and hand this layer to the attention call with the keys (an alias of
+        ``key_states`` that carries it); :meth:`attend` keeps them once it knows which are padding."""
+        if self.pending:
+            raise RuntimeError(
+                f"the {self.pending} token(s) of this cache layer's previous step never reached hf_reshape's attention "
+                "function (an interrupted step, or keys changed between the cache and the attention), so its kept "
+                "keys miss them: start generation with a fresh cache"
+            )
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._holder()
+        self.seen += key_states.shape[-2]
+        self.pending = key_states.shape[-2]
+        return hand_over(key_states, self), value_states
+
+    def attend(self, query, key, value, mask, params, scaling=None) -> torch.Tensor:
+        """Causal ``sink_window`` attention of the new tokens over the kept sinks and window plus themselves, then
+        keep the sinks and the last ``window`` keys.
+
+        Args:
+            query, key (`torch.Tensor` of shape `[B, H, T, D]`), value (`[B, H, T, D_v]`): the new tokens only.
+            mask (`torch.Tensor` of shape `[B, T]`, *optional*): key-padding mask of the new tokens (True = real).
+            params (`SinkWindowParams`): the layer's variant parameters.
+            scaling (`float`, *optional*): the softmax scale; by default the attention module's ``scaling``
+                (GPT-2 and BERT keep theirs there), else ``1 / sqrt(D)``.
+
+        Returns:
+            `torch.Tensor` of shape `[B, H, T, D_v]`, in the dtype of `value`. A cache step applies no attention
+            dropout (generation runs in eval mode).
+        """
+        from .variants.sink_window import sink_window_attention
+
+        if query.shape[-2] != key.shape[-2]:
+            raise ValueError(f"a cache step needs as many queries as new keys, got {query.shape[-2]} and {key.shape[-2]}")
+        if scaling is None:
+            scaling = getattr(self._module(), "scaling", None) or query.shape[-1] ** -0.5
+        b, t = key.shape[0], key.shape[-2]
+        s, w = params.num_sink, params.window
+        real = torch.ones(b, t, dtype=torch.bool, device=key.device) if mask is None else mask.bool()
+        if self.sinks_filled is None:
+            # sized by the heads the attention sees: grouped key/value heads arrive repeated per query head
+            self.keys, self.values = key.new_zeros(*key.shape[:2], 0, key.shape[-1]), value[..., :0, :].clone()
+            self.sinks_filled = torch.zeros(b, dtype=torch.long, device=key.device)
+            self.sink_keys = key.new_zeros(*key.shape[:2], s, key.shape[-1])
+            self.sink_values = value.new_zeros(*value.shape[:2], s, value.shape[-1])
+        rank = self.sinks_filled[:, None] + real.long().cumsum(-1) - 1  # rank of each new token among real tokens
+        new_sink = real & (rank < s)
+        if self.seen == t:
+            # the first step: nothing kept yet, the fast path over the new tokens is the whole computation
+            out = sink_window_attention(query, key, value, mask=mask, causal=True, scaling=scaling, num_sink=s,
+                                        window=w)
+        else:
+            out = self._attend_kept(query, key, value, real, new_sink, scaling, w)
+        self._keep(key, value, real, new_sink, rank, s, w)
+        self.pending = 0
+        return out
+
+    def _attend_kept(self, query, key, value, real, new_sink, scaling, w):
+        """``[kept sinks | kept window | new keys]`` with an explicit ``T x (s + kept + T)`` mask, in float32 for
+        half-precision models: a kept sink is always visible; a kept window key at distance ``t + kept - j`` and a
+        new key at ``t - t'`` are visible within ``window``; a new key that is a sink is visible from its own
+        position on."""
+        t, kept = key.shape[-2], self.keys.shape[-2]
+        s = self.sink_keys.shape[-2]
+        dtype = torch.float32 if value.dtype in LOW_PRECISION else value.dtype
+        i = torch.arange(t, device=key.device)[:, None]
+        sink_ok = (torch.arange(s, device=key.device)[None] < self.sinks_filled[:, None])[:, None, :].expand(-1, t, s)
+        dist = i + kept - torch.arange(kept, device=key.device)[None]  # [T, kept]
+        window_ok = self.window_ok[:, None, :] & (dist <= w)[None]
+        rel = i - torch.arange(t, device=key.device)[None]  # [T, T]
+        new_ok = real[:, None, :] & (rel >= 0)[None] & ((rel <= w)[None] | new_sink[:, None, :])
+        allowed = torch.cat([sink_ok, window_ok, new_ok], dim=-1)[:, None]  # [B, 1, T, s + kept + T]
+        keys = torch.cat([self.sink_keys, self.keys, key], dim=-2).to(dtype)
+        values = torch.cat([self.sink_values, self.values, value], dim=-2).to(dtype)
+        scores = torch.matmul(query.to(dtype), keys.transpose(-1, -2)) * scaling
+        return torch.matmul(masked_softmax(scores, allowed), values).to(value.dtype)
+
+    def _keep(self, key, value, real, new_sink, rank, s, w):
+        """Fill the sink slots from the new real tokens, and keep the last ``w`` positions (copied after a
+        multi-token step, so the prompt's storage is freed)."""
+        if s and bool(new_sink.any()):
+            # slot r of a sequence takes its new real token of rank r (at most one per slot)
+            pick = new_sink[:, None, :] & (rank[:, None, :] == torch.arange(s, device=key.device)[None, :, None])
+            index, take = pick.to(torch.int8).argmax(-1), pick.any(-1)  # [B, s] each
+            for name, new in (("sink_keys", key), ("sink_values", value)):
+                chosen = torch.gather(new, 2, index[:, None, :, None].expand(*new.shape[:2], s, new.shape[-1]))
+                setattr(self, name, torch.where(take[:, None, :, None], chosen, getattr(self, name)))
+        self.sinks_filled = (self.sinks_filled + real.long().sum(-1)).clamp_max(s)
+        full_k = torch.cat([self.keys, key], dim=-2)
+        full_v = torch.cat([self.values, value], dim=-2)
+        full_ok = torch.cat([self.window_ok, real & ~new_sink], dim=-1)
+        start = max(0, full_k.shape[-2] - w)  # explicit start: `[-0:]` would keep everything
+        self.keys, self.values, self.window_ok = full_k[..., start:, :], full_v[..., start:, :], full_ok[:, start:]
+        if key.shape[-2] > 1:
+            self.keys, self.values, self.window_ok = self.keys.clone(), self.values.clone(), self.window_ok.clone()
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """The mask function slices the padding-mask entries of the new keys only (the layer keeps its own)."""
+        return query_length, self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def _tensors(self) -> tuple[str, ...]:
+        return tuple(n for n in ("keys", "values", "window_ok", "sink_keys", "sink_values", "sinks_filled")
+                     if getattr(self, n) is not None)
+
+    def reset(self) -> None:
+        if self.is_initialized:
+            self.lazy_initialization(self.keys, self.values)
+        self.sink_keys = self.sink_values = self.sinks_filled = None
+        self.seen = 0
+        self.pending = 0
+
+    def offload(self):
+        for name in self._tensors():
+            setattr(self, name, getattr(self, name).to("cpu", non_blocking=True))
+
+    def prefetch(self):
+        for name in self._tensors():
+            if getattr(self, name).device != self.device:
+                setattr(self, name, getattr(self, name).to(self.device, non_blocking=True))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        for name in self._tensors():
+            tensor = getattr(self, name)
+            setattr(self, name, tensor.index_select(0, beam_idx.to(tensor.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        for name in self._tensors():
+            setattr(self, name, getattr(self, name).repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        for name in self._tensors():
+            setattr(self, name, getattr(self, name)[indices])
+
+
 def _layer_for(module: nn.Module | None) -> CacheLayerMixin:
     holder = None if module is None else getattr(module, STATE_ATTR, None)
     if not isinstance(holder, ReshapedAttention) or not getattr(module, "is_causal", False):
         return DynamicLayer()
-    if holder.method == "linear":
+    try:
+        spec = get_variant(holder.method)
+    except UnknownVariantError:  # unregistered since the reshape: its forward will say so
+        return DynamicLayer()
+    if spec.features is not None:
         return LinearRecurrentLayer(module)
+    if holder.method == "sink_window":
+        return SinkWindowLayer(module)
     if holder.method == "sliding_window":
         return SlidingWindowLayer(holder.params.window)
     return DynamicLayer()
 
 
 def _attention_modules(model: nn.Module) -> dict[int, nn.Module]:
-    return {idx: module for idx, _, module in self_attention_modules(model, get_architecture(model))}
+    """Self-attention module of each cache layer index. An encoder-decoder numbers its encoder and decoder layers
+    alike: the decoder's (causal) module is the one that reads the cache."""
+    found: dict[int, nn.Module] = {}
+    for idx, _, module in self_attention_modules(model, get_architecture(model)):
+        if idx not in found or getattr(module, "is_causal", False):
+            found[idx] = module
+    return found
 
 
 class ReshapeCache(Cache):
     """A generation cache for a reshaped model: one layer per self-attention layer, chosen by its variant.
 
-    * causal ``linear``: :class:`LinearRecurrentLayer`, a constant-size running state;
+    * causal ``linear`` and the other linearized variants (those whose spec declares ``features``):
+      :class:`LinearRecurrentLayer`, a constant-size running state;
     * causal ``sliding_window``: :class:`SlidingWindowLayer`, the last ``window`` keys and values;
+    * causal ``sink_window``: :class:`SinkWindowLayer`, the first ``num_sink`` real tokens and the last ``window``;
     * any other variant, or a layer left exact: transformers' ``DynamicLayer``.
 
     ``model.generate(...)`` on a reshaped model builds one by itself; build one by hand to drive forwards:
@@ -282,7 +509,7 @@ class ReshapeCache(Cache):
     ```
 
     Args:
-        model (`nn.Module`): a reshaped model (GPT-2, or BERT run as a decoder).
+        model (`nn.Module`): a reshaped decoder (GPT-2, Llama, Qwen, Mistral, ..., or BERT run as a decoder).
     """
 
     def __init__(self, model: nn.Module):
@@ -292,7 +519,7 @@ class ReshapeCache(Cache):
 
     @staticmethod
     def applies_to(model: nn.Module) -> bool:
-        """Whether `model` has a layer that a `ReshapeCache` keeps bounded (causal `linear` or `sliding_window`)."""
+        """Whether `model` has a layer that a `ReshapeCache` keeps bounded (causal linearized or `sliding_window`)."""
         return any(isinstance(_layer_for(m), _ReshapeLayerMixin) for m in _attention_modules(model).values())
 
     def nbytes(self) -> int:

@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "reshape_config.json"
 MODEL_CONFIG_KEY = "hf_reshape"  # key of the record inside a model's config.json
-_META_KEYS = ("method", "layers", "hf_reshape_version")
+_META_KEYS = ("method", "layers", "hf_reshape_version", "positions")  # "positions": hf_reshape.positions
 
 
 def _version() -> str:

@@ -23,6 +23,7 @@ import contextlib
 import functools
 import weakref
 from contextvars import ContextVar
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -32,9 +33,10 @@ from transformers.masking_utils import AttentionMaskInterface
 from transformers.utils import logging as hf_logging
 
 from . import observe
+from .architectures import EXACT_ONLY_ARGUMENTS, NEUTRAL_ARGUMENTS, WINDOW_ARGUMENT
 from .attention_weights import softmax_weights
 from .config import MODEL_CONFIG_KEY
-from .errors import AttentionImplementationError
+from .errors import AttentionImplementationError, UnsupportedModelError
 from .functional import check_form
 from .ops.common import allowed_mask, sdpa_zero_empty_rows
 from .registry import VariantParams, get_variant, list_variants
@@ -69,14 +71,64 @@ class ReshapedAttention(nn.Module):
     def extra_repr(self) -> str:
         return f"method={self.method!r}, " + ", ".join(f"{k}={v!r}" for k, v in self.params.to_dict().items())
 
-    def forward(self, query, key, value, mask, causal: bool, scaling: float, dropout: float = 0.0):
+    def forward(self, query, key, value, mask, causal: bool, scaling: float, dropout: float = 0.0, params=None):
+        """``params`` replaces the layer's parameters for this call (the model's own window composed in)."""
         spec = get_variant(self.method)
         check_form(spec, causal)
         state = {name: getattr(self, name) for name in self.state_names}
         return spec.forward(
-            query, key, value, mask=mask, causal=causal, scaling=scaling, params=self.params, dropout=dropout,
-            training=self.training, **state,
+            query, key, value, mask=mask, causal=causal, scaling=scaling, params=self.params if params is None else params,
+            dropout=dropout, training=self.training, **state,
         )
+
+
+# ---------- the attention call's own arguments: grouped-query heads, the model's window, soft-capping, sinks ----------
+
+# variants that serve a layer with its own sliding window, and how they compose it with their parameters
+WINDOW_VARIANTS = ("sliding_window",)
+
+
+def compose_window(method: str, params: VariantParams, window: int) -> VariantParams:
+    """The parameters of a ``method`` layer inside a model window ``window`` (the attention call's
+    ``sliding_window``: keys with ``i - j < window``): ``sliding_window``'s ``window`` (``i - j <= window``) becomes
+    ``min(window, model window - 1)``, the intersection of both."""
+    if method == "sliding_window" and params.window > window - 1:
+        return replace(params, window=max(window - 1, 0))
+    return params
+
+
+def repeat_kv_heads(states: torch.Tensor, groups: int) -> torch.Tensor:
+    """``[B, H_kv, T, D] -> [B, H_kv * groups, T, D]``, each key/value head repeated for the ``groups`` query heads
+    that share it (grouped-query attention, Ainslie et al. 2023; query head ``h`` reads key/value head
+    ``h // groups``, the layout of transformers' ``repeat_kv``)."""
+    if groups == 1:
+        return states
+    b, h, t, d = states.shape
+    return states[:, :, None].expand(b, h, groups, t, d).reshape(b, h * groups, t, d)
+
+
+def call_arguments(module: nn.Module, kwargs: dict) -> dict:
+    """Take the arguments of an attention call that change its maths out of ``kwargs``: ``is_causal`` (the
+    module's ``is_causal`` when not given), ``sliding_window``, and those only exact attention applies
+    (``softcap``, ``s_aux``, ``position_bias``). Any other argument with a value is refused: hf_reshape does not
+    know what it does to the attention, and dropping it would silently run something else (a bool is a flag that
+    selects outputs, and passes)."""
+    out = {"is_causal": kwargs.pop("is_causal", None), WINDOW_ARGUMENT: kwargs.pop(WINDOW_ARGUMENT, None)}
+    for name in EXACT_ONLY_ARGUMENTS:
+        out[name] = kwargs.pop(name, None)
+    packed = [name for name in ("cu_seq_lens_q", "cu_seq_lens_k") if kwargs.get(name) is not None]
+    # a flag (a bool) selects outputs, it does not change the attention
+    unknown = sorted(k for k, v in kwargs.items() if v is not None and not isinstance(v, bool) and k not in NEUTRAL_ARGUMENTS)
+    if packed or unknown:
+        why = (f"packed sequences ({packed}), which the 2D key-padding mask cannot describe" if packed else
+               f"the argument(s) {unknown}, which hf_reshape does not know how to apply")
+        raise UnsupportedModelError(
+            f"{type(module).__name__} passed hf_reshape's attention function {why}; running without them would "
+            f"silently compute another attention. Arguments hf_reshape applies: {[WINDOW_ARGUMENT, *EXACT_ONLY_ARGUMENTS]}"
+        )
+    if out["is_causal"] is None:
+        out["is_causal"] = bool(getattr(module, "is_causal", False))
+    return out
 
 
 # ---------- handing a recurrent cache layer to the attention call ----------
@@ -99,15 +151,93 @@ def handed_over(key: torch.Tensor):
     return getattr(key, _HANDED_OVER, None)
 
 
-def exact_attention(query, key, value, mask, causal, scaling, dropout=0.0, training=False):
-    """Softmax attention through torch SDPA; queries with no allowed key give zeros (SDPA would give NaN)."""
+def exact_attention(query, key, value, mask, causal, scaling, dropout=0.0, training=False, window=None, softcap=None,
+                    s_aux=None, position_bias=None, dense_mask=None):
+    """Softmax attention through torch SDPA; queries with no allowed key give zeros (SDPA would give NaN).
+
+    The model's own attention arguments, where given, are applied as transformers' eager attention applies them:
+    ``window`` (keys with ``0 <= i - j < window``, ``|i - j| < window`` bidirectional), ``softcap`` (scores
+    ``softcap * tanh(scores / softcap)``, Gemma 2), ``position_bias`` (added to the scores, T5) and ``s_aux``
+    (one learned sink logit per head that takes part in the softmax and is dropped after it, gpt-oss); see
+    transformers/models/gemma2/modeling_gemma2.py and gpt_oss/modeling_gpt_oss.py, ``eager_attention_forward``.
+    ``dense_mask``: a 4D mask the model built itself (Swin's shifted windows with their relative bias): bool =
+    allowed, float = added to the scores, as eager attention adds it."""
     t_q, t_k = query.shape[-2], key.shape[-2]
+    if dense_mask is not None:
+        if dense_mask.dtype == torch.bool:
+            # as a bias: disallowed pairs get the most negative score, as transformers' own masks give them
+            dense_mask = torch.zeros(dense_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+                ~dense_mask, torch.finfo(query.dtype).min)
+        position_bias = dense_mask if position_bias is None else position_bias + dense_mask
+    if window is not None or softcap is not None or s_aux is not None or position_bias is not None:
+        return _exact_with_arguments(query, key, value, mask, causal, scaling, dropout if training else 0.0, window,
+                                     softcap, s_aux, position_bias)
     if mask is None and (not causal or t_q == t_k):
         return F.scaled_dot_product_attention(
             query, key, value, dropout_p=dropout if training else 0.0, is_causal=causal and t_q > 1, scale=scaling
         )
     allowed = allowed_mask(mask, t_q, t_k, causal, query.device)
     return sdpa_zero_empty_rows(query, key, value, allowed, scaling, dropout_p=dropout if training else 0.0)
+
+
+def _exact_with_arguments(query, key, value, mask, causal, scaling, dropout, window, softcap, s_aux, position_bias):
+    """Materialised softmax attention with the model's window, soft-capping, bias and sinks (see exact_attention)."""
+    t_q, t_k = query.shape[-2], key.shape[-2]
+    allowed = allowed_mask(mask, t_q, t_k, causal, query.device, None if window is None else max(window - 1, 0))
+    dtype = torch.float32 if query.dtype in (torch.float16, torch.bfloat16) else query.dtype  # softmax as eager's
+    scores = torch.matmul(query, key.transpose(-1, -2)).to(dtype) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if position_bias is not None:
+        scores = scores + position_bias.to(dtype)
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    if s_aux is not None:
+        sink = s_aux.to(dtype).reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        scores = torch.cat([scores, sink], dim=-1)
+    row_max = scores.amax(-1, keepdim=True)
+    # a query with no allowed key (and no sink) has max -inf: shift by 0 so exp() gives zeros, not NaN
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
+    weights = torch.exp(scores - row_max)
+    denom = weights.sum(-1, keepdim=True)
+    probs = weights / torch.where(denom > 0, denom, torch.ones_like(denom))
+    if s_aux is not None:
+        probs = probs[..., :-1]
+    probs = F.dropout(probs, dropout, training=dropout > 0).to(value.dtype)
+    return torch.matmul(probs, value)
+
+
+def key_padding_of(mask: torch.Tensor, causal: bool, t_q: int, t_k: int) -> torch.Tensor | None:
+    """The 2D key-padding mask ``[B, T_k]`` (True = real) a 4D mask ``[B or 1, H or 1, T_q, T_k]`` encodes, or None
+    when it encodes more than padding (and causality): a bias, a window, a block pattern. A bool mask is True where
+    allowed; a float mask is 0 where allowed and at most half the dtype's lowest value (or -inf) where not. Rows of
+    padded queries are not compared (transformers may unmask them entirely)."""
+    if mask.dim() != 4 or mask.shape[-2:] != (t_q, t_k):
+        return None
+    if mask.dtype == torch.bool:
+        allowed = mask
+    else:
+        allowed = mask == 0
+        if not (allowed | (mask <= torch.finfo(mask.dtype).min / 2)).all():
+            return None
+    if allowed.shape[1] > 1 and not (allowed == allowed[:, :1]).all():
+        return None
+    allowed = allowed[:, 0]  # [B, T_q, T_k]
+    if causal:
+        key = allowed[:, -1, :]  # the last query sees every real key
+    else:  # the row of a real query: the fewest allowed keys, empty (fully padded) rows aside
+        counts = allowed.sum(-1).masked_fill(allowed.sum(-1) == 0, t_k + 1)
+        key = allowed.gather(1, counts.argmin(-1)[:, None, None].expand(-1, 1, t_k))[:, 0]
+    expected = allowed_mask(key, t_q, t_k, causal, mask.device)[:, 0]
+    real_query = key[:, t_k - t_q:] if causal else key
+    if not ((allowed == expected) | ~real_query[:, :, None]).all():
+        return None
+    return key
+
+
+def _model_window_binds(window, key: torch.Tensor) -> bool:
+    """Whether the model's own window (keys with ``i - j < window``) hides a key from a query in this call."""
+    return window is not None and key.shape[-2] > window
 
 
 def hf_reshape_attention_forward(
@@ -122,35 +252,85 @@ def hf_reshape_attention_forward(
 ):
     """transformers attention-interface signature: ``[B, H, T, D]`` in, ``([B, T_q, H, D_v], weights)`` out;
     ``weights`` is None unless attention weights were asked for (``output_attentions``)."""
-    if attention_mask is not None:
-        if attention_mask.dim() != 2:
-            raise ValueError(
-                "hf_reshape attention takes a 2D key-padding mask [B, T_k] (built by its registered mask function); "
-                f"got a {attention_mask.dim()}D mask. Pass a 2D `attention_mask` to the model, not a prepared 4D one."
+    dense_mask = None  # a 4D mask that is more than key padding: a bias or a pattern only exact layers apply
+    holder = getattr(module, STATE_ATTR, None)
+    holder = holder if isinstance(holder, ReshapedAttention) else None
+    if attention_mask is not None and attention_mask.dim() == 4:
+        causal_given = kwargs.get("is_causal")
+        causal_given = bool(getattr(module, "is_causal", False)) if causal_given is None else bool(causal_given)
+        padding = key_padding_of(attention_mask, causal_given, query.shape[-2], key.shape[-2])
+        if padding is None and holder is not None:
+            raise UnsupportedModelError(
+                f"{type(module).__name__} carries hf_reshape's {holder.method!r} attention, which takes a 2D key-padding "
+                f"mask [B, T_k]; its attention call got a 4D mask {tuple(attention_mask.shape)} that is not one (a "
+                "relative position bias, a shifted window or another pattern the model builds itself), which no "
+                "variant applies. Keep these layers exact (`layers=[...]`), or pass the model a 2D `attention_mask`."
             )
+        attention_mask, dense_mask = (padding, None) if padding is not None else (None, attention_mask)
+    elif attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError(
+            "hf_reshape attention takes a 2D key-padding mask [B, T_k] (built by its registered mask function); "
+            f"got a {attention_mask.dim()}D mask. Pass a 2D `attention_mask` to the model."
+        )
+    if attention_mask is not None:
         attention_mask = attention_mask.to(torch.bool)
         if attention_mask.shape[-1] > key.shape[-2]:
             # one mask serves every layer: sized for a layer that keeps all keys, it covers all tokens seen, while
             # a bounded cache layer (hf_reshape.cache) hands over only the last T_k keys
             attention_mask = attention_mask[:, -key.shape[-2] :]
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    causal = bool(getattr(module, "is_causal", False))
-    holder = getattr(module, STATE_ATTR, None)
-    holder = holder if isinstance(holder, ReshapedAttention) else None
+    arguments = call_arguments(module, kwargs)
+    causal, window = bool(arguments["is_causal"]), arguments[WINDOW_ARGUMENT]
     recurrent = handed_over(key) if holder is not None else None
+    if key.shape[1] != query.shape[1]:
+        # grouped-query / multi-query attention: transformers hands over the key/value heads as they are
+        if key.shape[1] == 0 or query.shape[1] % key.shape[1]:
+            raise ValueError(f"{query.shape[1]} query heads cannot share {key.shape[1]} key/value heads evenly")
+        groups = query.shape[1] // key.shape[1]
+        key, value = repeat_kv_heads(key, groups), repeat_kv_heads(value, groups)
+    params = None
+    if holder is not None:
+        _check_reshaped_call(module, holder, arguments, query, key, causal)
+        if window is not None:
+            params = compose_window(holder.method, holder.params, window)
     if recurrent is not None:
         # generation with a ReshapeCache: attend over the running state, then fold the new keys into it
-        out = recurrent.attend(query, key, value, attention_mask, holder.params)
+        out = recurrent.attend(query, key, value, attention_mask, holder.params, scaling=scaling)
     elif holder is not None:
-        out = holder(query, key, value, attention_mask, causal, scaling, dropout)
+        out = holder(query, key, value, attention_mask, causal, scaling, dropout, params=params)
     else:
-        out = exact_attention(query, key, value, attention_mask, causal, scaling, dropout, module.training)
+        out = exact_attention(query, key, value, attention_mask, causal, scaling, dropout, module.training, window,
+                              arguments["softcap"], arguments["s_aux"], arguments["position_bias"], dense_mask)
     if observe.active():  # the observer seam (hf_reshape.observe): attention transfer, diagnostics
         out = observe.notify(observe.AttentionCall(module, holder, query, key, value, attention_mask, causal, scaling, out))
     weights = None
     if weights_requested(kwargs):
         weights = attention_weights(holder, query, key, value, attention_mask, causal, scaling, recurrent is not None)
     return out.transpose(1, 2).contiguous(), weights
+
+
+def _check_reshaped_call(module, holder, arguments, query, key, causal) -> None:
+    """A reshaped layer refuses what its variant cannot serve (``reshape`` refuses it first where it can tell): an
+    argument only exact attention applies, a model window that hides keys in this call under a variant that cannot
+    compose it, and keys of another length than its queries in a bidirectional call (cross-attention)."""
+    given = [name for name in EXACT_ONLY_ARGUMENTS if arguments[name] is not None]
+    if given:
+        raise UnsupportedModelError(
+            f"{type(module).__name__} carries hf_reshape's {holder.method!r} attention but its attention call receives "
+            f"{given} ({'; '.join(EXACT_ONLY_ARGUMENTS[n] for n in given)}), which no variant applies; keep this layer "
+            "exact (reshape with `layers=[...]` leaving it out)"
+        )
+    if holder.method not in WINDOW_VARIANTS and _model_window_binds(arguments[WINDOW_ARGUMENT], key):
+        raise UnsupportedModelError(
+            f"{type(module).__name__} has its own sliding window (`sliding_window={arguments[WINDOW_ARGUMENT]}`), "
+            f"which {holder.method!r} cannot apply; variants that can: {list(WINDOW_VARIANTS)}"
+        )
+    if not causal and query.shape[-2] != key.shape[-2]:
+        raise UnsupportedModelError(
+            f"{type(module).__name__} carries hf_reshape's {holder.method!r} attention but attends {query.shape[-2]} "
+            f"queries over {key.shape[-2]} keys without a causal cache: it is a cross-attention, which hf_reshape does "
+            "not reshape; leave it out with `layers=[...]`"
+        )
 
 
 # ---------- output_attentions ----------

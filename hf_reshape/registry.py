@@ -96,6 +96,12 @@ class VariantSpec:
             their default (not in ``given``) where the default does not fit the other parameters or the model
             (``facts``: :class:`~hf_reshape.architectures.ModelFacts`, or ``None`` before a model is known); e.g.
             :func:`capped_default`. A value the user gave is never changed: if it does not fit, it is an error.
+        features: for a linearized variant whose attention is ``phi(q_i) . phi(k_j)`` normalised over the allowed keys
+            (denominator at least ``params.eps``; ``params.chunk_size`` the causal chunk), ``features(q, k, *,
+            params, scaling, q_offset, k_offset, **state) -> (phi(q), phi(k))``: the feature maps ``[B, H, T, F]`` of
+            queries at absolute positions ``q_offset + i`` and keys at ``k_offset + j``. With it, causal generation
+            keeps an O(1) running state of ``F x D_v`` sums (:class:`hf_reshape.cache.LinearRecurrentLayer`)
+            instead of every key and value.
     """
 
     name: str
@@ -117,6 +123,7 @@ class VariantSpec:
     weights: Callable[..., torch.Tensor] | None = None
     weights_over_keys: bool = True
     fit_defaults: Callable[..., dict] | None = None
+    features: Callable[..., tuple] | None = None
 
 
 def field_defaults(params_cls: type) -> dict[str, Any]:

@@ -10,6 +10,7 @@ object (``BertModel(other.config)``) are not reshaped with it. A wrapper that ho
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -18,15 +19,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from .architectures import get_architecture, model_facts, self_attention_modules
+from .architectures import EXACT_ONLY_ARGUMENTS, attention_modules, get_architecture, model_facts
 from .cache import HOOK_ATTR, install_generation_hook, remove_generation_hook
 from .config import MODEL_CONFIG_KEY, ReshapeConfig, resolve_file
 from .errors import InvalidParameterError, NotCausalError, UnsupportedModelError
+from . import positions
 from .functional import check_form
 from .integration import (
     ATTN_IMPLEMENTATION,
     STATE_ATTR,
+    WINDOW_VARIANTS,
     ReshapedAttention,
+    compose_window,
     install_guard,
     remove_guard,
     reshaping_after_load,
@@ -86,18 +90,36 @@ class _Plan:
 
     config: ReshapeConfig
     holders: list[tuple[nn.Module, ReshapedAttention]]
+    extension: positions.Extension | None = None
 
 
-def reshape(model: nn.Module, method_or_config: str | ReshapeConfig, *, layers: list[int] | None = None, **params: Any):
+def reshape(
+    model: nn.Module,
+    method_or_config: str | ReshapeConfig,
+    *,
+    layers: list[int] | None = None,
+    max_positions: int | None = None,
+    image_size: int | None = None,
+    **params: Any,
+):
     """Swap the self-attention of `model` for a registered variant, in place.
 
     Args:
-        model: a `BertModel`/`BertFor*`, `GPT2Model`/`GPT2LMHeadModel`/`GPT2For*` or `ViTModel`/`ViTFor*`, or a
-            wrapper holding one of them (a `SentenceTransformer`: its transformers model is reshaped, and
+        model: any transformers model whose attention goes through transformers' attention interface (Llama,
+            Qwen, Mistral, BERT, RoBERTa, GPT-2, ViT, CLIP, BART, Whisper, ...; `hf_reshape.architectures` finds its
+            self-attention layers, grouped-query ones included), or a
+            wrapper holding one (a `SentenceTransformer`: its transformers model is reshaped, and
             `SentenceTransformer.save` keeps the variant; reload with
             `hf_reshape.from_pretrained(path, model_class=SentenceTransformer)`).
         method_or_config: a variant name from `hf_reshape.list_variants()` or a `ReshapeConfig`.
         layers (`list[int]`, *optional*): reshape only these layers; the others keep exact attention.
+        max_positions (`int`, *optional*): extend a text model's learned absolute positions (BERT, GPT-2) to this
+            many in the same call: the table grows by copying the trained rows (Longformer's initialisation), so
+            inputs that fit the trained table give the same outputs; the config records the new size, and
+            variants sized by the model's positions (Linformer's `max_length`) get it. See
+            `hf_reshape.positions`.
+        image_size (`int`, *optional*): the same for ViT: the side of the larger square images to read; the grid
+            of patch positions is interpolated as transformers' `interpolate_pos_encoding` does, once, and saved.
         **params: the variant's parameters (with a method name). A parameter left at its default that does not fit
             the model is adapted to it (Linformer's `proj_len`, 128, becomes the model's positions when fewer);
             the model's `config.hf_reshape` records the value used. A value you give is never changed.
@@ -113,34 +135,42 @@ def reshape(model: nn.Module, method_or_config: str | ReshapeConfig, *, layers: 
     `hf_reshape.unreshape(model)` to get exact attention back.
 
     Raises:
-        `UnknownVariantError`, `UnsupportedModelError`, `NotCausalError` (a bidirectional-only variant on a causal
-        model), `InvalidParameterError`. A refused call changes nothing.
+        `UnknownVariantError`, `UnsupportedModelError` (also: a layer whose attention call gets an argument the
+        variant cannot serve, such as `softcap`, `s_aux`, `position_bias` or the model's own `sliding_window`; the
+        message names it and the variants that can), `NotCausalError` (a bidirectional-only variant on a causal
+        model), `InvalidParameterError` (also: `max_positions`/`image_size` smaller than the model's, or the
+        keyword of the other modality). A refused call changes nothing.
     """
     cfg = _as_config(method_or_config, layers, params)
     target = _transformers_model(model)
-    plan = _plan(target, cfg)
+    plan = _plan(target, cfg, max_positions=max_positions, image_size=image_size)
     _apply(target, plan)
     return model
 
 
-def _plan(model: nn.Module, cfg: ReshapeConfig) -> _Plan:
+def _plan(model: nn.Module, cfg: ReshapeConfig, max_positions=None, image_size=None) -> _Plan:
     arch = get_architecture(model)
     facts = model_facts(model, arch)
+    extension = positions.plan_extension(model, max_positions=max_positions, image_size=image_size)
+    if extension is not None:  # variants sized by the model's positions see the extended model
+        facts = dataclasses.replace(facts, max_positions=extension.positions)
     spec = cfg.spec
-    targets = self_attention_modules(model, arch)
-    available = sorted({i for i, _, _ in targets})
+    every = attention_modules(model)
+    _check_known_arguments(model, every)
+    targets = [f for f in every if not f.cross]
+    available = sorted({f.index for f in targets})
     if cfg.layers is not None:
         bad = sorted(set(cfg.layers) - set(available))
         if bad:
             raise InvalidParameterError(f"layers {bad} do not exist; {type(model).__name__} has layers {available}")
-        targets = [t for t in targets if t[0] in cfg.layers]
-    for _, name, module in targets:
-        causal = bool(getattr(module, "is_causal", False))
+        targets = [f for f in targets if f.index in cfg.layers]
+    for layer in targets:
         try:
-            check_form(spec, causal)
+            check_form(spec, layer.causal)
         except NotCausalError as err:
-            form = "causal" if causal else "bidirectional"
-            raise NotCausalError(f"{type(model).__name__} ({name}) runs {form} attention: {err}") from None
+            form = "causal" if layer.causal else "bidirectional"
+            raise NotCausalError(f"{type(model).__name__} ({layer.name}) runs {form} attention: {err}") from None
+        _check_layer_arguments(model, layer, cfg.method, available, [f for f in every if not f.cross])
     can_switch = getattr(type(model), "_can_set_attn_implementation", None)
     if not callable(getattr(model, "set_attn_implementation", None)) or (can_switch is not None and not can_switch()):
         raise UnsupportedModelError(
@@ -155,32 +185,88 @@ def _plan(model: nn.Module, cfg: ReshapeConfig) -> _Plan:
     if spec.prepare_params is not None:
         cfg = cfg.with_params(spec.prepare_params(cfg.params, facts))
     holders = []
-    for _, _, module in targets:
+    for layer in targets:
+        module = layer.module
         state = {}
         if spec.init_state is not None:
-            state = spec.init_state(cfg.params, num_heads=facts.num_heads, head_dim=facts.head_dim)
-        holder = ReshapedAttention(cfg.method, cfg.params, state)
+            # sized by this layer's query heads: grouped key/value heads reach the variant repeated (integration)
+            state = spec.init_state(cfg.params, num_heads=layer.num_heads or facts.num_heads,
+                                    head_dim=layer.head_dim or facts.head_dim)
+        params = cfg.params
+        if isinstance(layer.sliding_window, int):  # the model's own window, composed with the variant's
+            params = compose_window(cfg.method, params, layer.sliding_window)
+        holder = ReshapedAttention(cfg.method, params, state)
+        holder.train(module.training)  # a new module trains by default: follow the model's mode (eval: no redraws)
         ref = next(module.parameters(), None)
         if ref is not None:
             holder = holder.to(device=ref.device, dtype=ref.dtype)
         holders.append((module, holder))
-    return _Plan(cfg, holders)
+    return _Plan(cfg, holders, extension)
+
+
+def _check_known_arguments(model: nn.Module, modules) -> None:
+    """Refuse a model whose attention calls pass an argument hf_reshape does not know (its attention function would
+    refuse it at every call, reshaped layer or not)."""
+    for layer in modules:
+        if layer.unknown:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} ({layer.name}) passes its attention function {sorted(layer.unknown)}, which "
+                f"hf_reshape does not know how to apply (it applies `sliding_window` and, in exact layers, "
+                f"{sorted(EXACT_ONLY_ARGUMENTS)}); running without them would compute another attention"
+            )
+
+
+def _check_layer_arguments(model: nn.Module, layer, method: str, available: list[int], layers) -> None:
+    """Refuse, before anything changes, a layer whose attention call receives an argument the variant cannot serve:
+    one only exact attention applies (soft-capping, sinks, a relative position bias), or the model's own sliding
+    window under a variant that cannot compose it. The message names the argument, the variants that serve it and
+    the layers that do not receive it."""
+
+    def without(name: str) -> list[int]:
+        return sorted({f.index for f in layers if name not in f.extras and not (
+            name == "sliding_window" and f.sliding_window is not None)})
+
+    for name, value in layer.extras.items():
+        shown = "" if value == "given" or not isinstance(value, (int, float, str)) else f"={value}"
+        raise UnsupportedModelError(
+            f"{type(model).__name__} ({layer.name}) gets `{name}{shown}` in its attention call "
+            f"({EXACT_ONLY_ARGUMENTS[name]}), which no hf_reshape variant applies (variants that can serve it: none). "
+            f"Layers without it, which `layers=[...]` can reshape: {without(name)}"
+        )
+    if layer.sliding_window is not None and method not in WINDOW_VARIANTS:
+        shown = "" if layer.sliding_window == "given" else f"={layer.sliding_window}"
+        raise UnsupportedModelError(
+            f"{type(model).__name__} ({layer.name}) gets `sliding_window{shown}` in its attention call (its own sliding "
+            f"window), which {method!r} cannot apply; variants that can serve it: {list(WINDOW_VARIANTS)} (composed "
+            f"with the model's window). Layers without a window, which `layers=[...]` can reshape: "
+            f"{without('sliding_window')}; or drop the model's window first (`config.sliding_window = None`, which "
+            "changes the model beyond that many tokens)"
+        )
 
 
 def _apply(model: nn.Module, plan: _Plan) -> None:
     before = _Snapshot(model)
+    undo_extension = None
     try:
         before.copies = _own_config(model)
+        if plan.extension is not None:
+            undo_extension = plan.extension.apply(model)  # on the model's own config
         _strip(model)
         for module, holder in plan.holders:
             setattr(module, STATE_ATTR, holder)
             install_guard(module)
         if not hasattr(model, _ORIGINAL_ATTR):
             setattr(model, _ORIGINAL_ATTR, model.config._attn_implementation)
-        setattr(model.config, MODEL_CONFIG_KEY, plan.config.to_dict())
+        record = plan.config.to_dict()
+        extended = positions.provenance(model)  # this call's extension, or an earlier one (kept across reshapes)
+        if extended is not None:
+            record[positions.RECORD_KEY] = extended
+        setattr(model.config, MODEL_CONFIG_KEY, record)
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
         install_generation_hook(model)  # generate() then picks a ReshapeCache (hf_reshape.cache) by itself
     except BaseException:
+        if undo_extension is not None:
+            undo_extension()
         before.restore(model)
         raise
 
@@ -244,8 +330,16 @@ def _strip(model: nn.Module) -> None:
 
 def unreshape(model: nn.Module) -> nn.Module:
     """Remove every reshaped attention and restore the attention implementation the model had before (on the
-    model's own copy of its config). A `SentenceTransformer` is unreshaped through its transformers model."""
+    model's own copy of its config). A `SentenceTransformer` is unreshaped through its transformers model.
+
+    Extended positions (`max_positions=`, `image_size=`) are kept: the model keeps its longer table and its config
+    the new size, so it is a plain transformers model that reads long inputs with exact attention (and saves and
+    loads with transformers alone); inputs that fit the trained table give the outputs they gave before the
+    extension. Reload the original checkpoint to get the trained size back."""
     target = _transformers_model(model)
+    extended = positions.provenance(target)
+    if extended is not None:  # a later reshape records it again
+        target.__dict__[positions.PROVENANCE_ATTR] = extended
     if hasattr(target.config, MODEL_CONFIG_KEY) or target.config._attn_implementation == ATTN_IMPLEMENTATION:
         _own_config(target)
     _strip(target)
@@ -257,6 +351,37 @@ def unreshape(model: nn.Module) -> nn.Module:
         delattr(target.config, MODEL_CONFIG_KEY)
     if target.config._attn_implementation == ATTN_IMPLEMENTATION:
         target.set_attn_implementation(original)
+    return model
+
+
+def extend_positions(model: nn.Module, *, max_positions: int | None = None, image_size: int | None = None):
+    """Extend a model's learned absolute positions without (or after) a reshape, in place: `max_positions=` for
+    BERT and GPT-2, `image_size=` for ViT (see `hf_reshape.positions`). A plain model stays a plain transformers
+    model (exact attention, saves and loads with transformers alone); a reshaped one records the extension in its
+    `config.hf_reshape`. The model gets its own copy of its config. Returns the model.
+
+    Raises:
+        `UnsupportedModelError`, `InvalidParameterError` (no size given, a size smaller than the model's, the
+        keyword of the other modality). A refused call changes nothing.
+    """
+    if max_positions is None and image_size is None:
+        raise InvalidParameterError("give `max_positions=` (BERT, GPT-2) or `image_size=` (ViT)")
+    target = _transformers_model(model)
+    get_architecture(target)
+    extension = positions.plan_extension(target, max_positions=max_positions, image_size=image_size)
+    if extension is None:
+        return model
+    copies, undo = _own_config(target), None
+    try:
+        undo = extension.apply(target)
+        record = getattr(target.config, MODEL_CONFIG_KEY, None)
+        if isinstance(record, dict):
+            setattr(target.config, MODEL_CONFIG_KEY, {**record, positions.RECORD_KEY: positions.provenance(target)})
+    except BaseException:
+        if undo is not None:
+            undo()
+        _repoint_configs(target, {id(new): old for old, new in copies})
+        raise
     return model
 
 
@@ -324,6 +449,7 @@ def from_pretrained(path_or_repo_id: str | os.PathLike, model_class=None, **kwar
             "model; load it with transformers, then call hf_reshape.reshape()"
         )
     cfg = ReshapeConfig.from_dict(record)  # a malformed record is refused before any weight is read
+    positions.check_record(config, record, str(path_or_repo_id))
     if model_class is None:
         names = getattr(config, "architectures", None) or []
         if not names or not hasattr(transformers, names[0]):

@@ -26,9 +26,11 @@ def test_unknown_variant_names_the_registered_ones():
 
 
 def test_unsupported_model_names_the_supported_ones():
-    config = transformers.DistilBertConfig(vocab_size=50, dim=16, n_layers=1, n_heads=2, hidden_dim=20)
-    with pytest.raises(hf_reshape.UnsupportedModelError, match=r"\['bert', 'gpt2', 'vit'\]"):
-        hf_reshape.reshape(transformers.DistilBertModel(config), "linear")
+    # DeBERTa-v2's disentangled attention does not go through transformers' attention interface
+    config = transformers.DebertaV2Config(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                          intermediate_size=20)
+    with pytest.raises(hf_reshape.UnsupportedModelError, match="any model whose attention goes through that interface"):
+        hf_reshape.reshape(transformers.DebertaV2Model(config), "linear")
     with pytest.raises(hf_reshape.UnsupportedModelError):
         hf_reshape.reshape(torch.nn.Linear(2, 2), "linear")
 

@@ -134,10 +134,11 @@ def test_a_refused_reshape_changes_nothing(arch, args, kwargs, error, first):
 
 
 def test_an_unsupported_model_is_refused_unchanged():
-    config = transformers.DistilBertConfig(vocab_size=50, dim=16, n_layers=1, n_heads=2, hidden_dim=20)
-    model = transformers.DistilBertModel(config)
+    config = transformers.DebertaV2Config(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                          intermediate_size=20)  # attention outside transformers' interface
+    model = transformers.DebertaV2Model(config)
     before = (model.config.to_dict(), model.config._attn_implementation, sorted(model.state_dict()))
-    with pytest.raises(hf_reshape.UnsupportedModelError, match="supported model types"):
+    with pytest.raises(hf_reshape.UnsupportedModelError, match="attention interface"):
         hf_reshape.reshape(model, "linear")
     assert (model.config.to_dict(), model.config._attn_implementation, sorted(model.state_dict())) == before
     assert not hasattr(model.config, "hf_reshape")
@@ -322,6 +323,10 @@ def test_variant_weights_times_values_give_the_forward(name, extra, causal, mask
     if probs:
         rows = w.sum(-1)
         real = torch.ones_like(rows, dtype=torch.bool) if key_mask is None else key_mask[:, None, :].expand_as(rows)
+        if spec.family == "linear":
+            # a ReLU feature map (t2r, cosformer) can give a real query zero weight on every key: then its row of
+            # weights is zero, as its output is (the guarded denominator), not a distribution
+            real = real & ~((rows == 0) & (out.abs().sum(-1) == 0))
         torch.testing.assert_close(rows[real], torch.ones_like(rows[real]))
 
 
@@ -345,7 +350,10 @@ def test_output_attentions_returns_the_variant_weights_or_warns(arch, name, tran
     last = spec.name == "linformer" and model.config.hf_reshape["proj_len"]
     assert all(a.shape == (2, 4, t, last or t) for a in out.attentions)
     if name != "svd":
-        torch.testing.assert_close(out.attentions[0].sum(-1), torch.ones(2, 4, t))
+        rows = out.attentions[0].sum(-1)
+        if spec.family == "linear":  # a ReLU feature map can give a query zero weight on every key (a zero row)
+            rows = torch.where(rows == 0, torch.ones_like(rows), rows)
+        torch.testing.assert_close(rows, torch.ones(2, 4, t))
     with torch.no_grad():
         assert torch.equal(main_output(arch, out), main_output(arch, model(**inputs)))  # weights change nothing
 

@@ -47,6 +47,12 @@ BIDIRECTIONAL_CHUNK_BYTES = 1 << 20
 CAUSAL_SEGMENT_BYTES = 4 << 20
 
 
+def _feature_dim(phi, d):
+    """Features per token of ``phi`` on head dim ``d``: ``d`` for elementwise maps, else what ``phi.feature_dim(d)``
+    declares (a map that widens the features, such as Taylor's, sizes the slices and segments by it)."""
+    return getattr(phi, "feature_dim", lambda d: d)(d)
+
+
 def _feature_map(phi, x):
     if phi is elu_plus_one:
         # same values as elu_plus_one, one temporary fewer: elu's backward reads its input, not its output,
@@ -113,7 +119,7 @@ def linear_attention(q, k, v, *, mask=None, causal=False, phi, eps=1e-6, chunk_s
     # the chunk products and what autograd keeps are then segment-sized (heap-served, in cache) rather than
     # [B, H, T, *] buffers that at long T are fresh mmaps faulted in on every call. split (not indexing) keeps
     # the backward to one cat per input.
-    seg = _causal_segment(q, v.shape[-1] + 1, chunk_size)
+    seg = _causal_segment(q, max(v.shape[-1] + 1, _feature_dim(phi, q.shape[-1])), chunk_size)
     masks = [None] * math.ceil(t_q / seg) if mask is None else mask.split(seg, -1)
     outs = []
     for q_s, k_s, v_s, m_s in zip(q.split(seg, -2), k.split(seg, -2), v.split(seg, -2), masks):
@@ -293,7 +299,8 @@ class _BidirectionalChunked(torch.autograd.Function):
 
     Forward: ``S1 = sum_j phi(k_j)^T [v_j, 1]`` (``[B, H, D, Dv + 1]``, padded keys masked out), accumulated slice
     by slice; then per slice of queries ``o1 = phi(q) S1`` and ``out = o1[:-1] / max(o1[-1], eps)``. Saves only
-    the inputs and ``S1``.
+    the inputs and ``S1``. A map that widens the features (``phi.feature_dim(D) = F``, Taylor's) gives ``[F, Dv + 1]``
+    sums and slices sized by ``F``; its features exist one slice at a time, here and in the backward.
 
     Backward, with ``g`` the output gradient, per query slice: ``dnum = g / den``,
     ``dden = -(dnum . out)`` (zero where ``den`` was clamped), ``dO1 = [dnum, dden]``,
@@ -312,17 +319,18 @@ class _BidirectionalChunked(torch.autograd.Function):
     def forward(ctx, q, k, v, mask, phi, eps):
         b, h, t_q, d = q.shape
         t_k, d_v = k.shape[-2], v.shape[-1]
+        f = _feature_dim(phi, d)
         work = torch.float32 if v.dtype in LOW_PRECISION else v.dtype
-        rows = _bidirectional_rows(q, d_v + 1)
+        rows = _bidirectional_rows(q, max(d_v + 1, f))
         m = None if mask is None else mask.to(work)
-        kv = q.new_zeros(b * h, d, d_v, dtype=work)
-        z = q.new_zeros(b * h, d, 1, dtype=work)
+        kv = q.new_zeros(b * h, f, d_v, dtype=work)
+        z = q.new_zeros(b * h, f, 1, dtype=work)
         for s in range(0, t_k, rows):
             fk = _feature_map(phi, k[..., s:s + rows, :].to(work))
             if m is not None:
                 fk.mul_(m[:, None, s:s + rows, None])
             n = fk.shape[-2]
-            fk = fk.reshape(b * h, n, d)
+            fk = fk.reshape(b * h, n, f)
             kv.baddbmm_(fk.transpose(1, 2), v[..., s:s + rows, :].to(work).reshape(b * h, n, d_v))
             z.add_(fk.sum(1).unsqueeze(-1))
         s1 = torch.cat([kv, z], -1)  # [BH, D, Dv + 1]: S and z side by side, so one bmm per slice gives both
@@ -330,7 +338,7 @@ class _BidirectionalChunked(torch.autograd.Function):
         for s in range(0, t_q, rows):
             fq = _feature_map(phi, q[..., s:s + rows, :].to(work))
             n = fq.shape[-2]
-            o1 = torch.bmm(fq.reshape(b * h, n, d), s1)
+            o1 = torch.bmm(fq.reshape(b * h, n, f), s1)
             out[..., s:s + n, :] = _normalise(o1, eps).view(b, h, n, d_v)
         ctx.save_for_backward(q, k, v, mask, s1)
         ctx.phi, ctx.eps, ctx.rows = phi, eps, rows
@@ -344,6 +352,7 @@ class _BidirectionalChunked(torch.autograd.Function):
         dphi = FEATURE_MAP_GRADS[phi]
         b, h, t_q, d = q.shape
         t_k, d_v = k.shape[-2], v.shape[-1]
+        f = s1.shape[-2]  # features per token
         work = s1.dtype
         m = None if mask is None else mask.to(work)
         d_s1 = torch.zeros_like(s1)  # [BH, D, Dv + 1]
@@ -351,14 +360,14 @@ class _BidirectionalChunked(torch.autograd.Function):
         for s in range(0, t_q, rows):
             q_c = q[..., s:s + rows, :].to(work)
             n = q_c.shape[-2]
-            fq = _feature_map(phi, q_c).reshape(b * h, n, d)
+            fq = _feature_map(phi, q_c).reshape(b * h, n, f)
             o1 = torch.bmm(fq, s1)  # [BH, n, Dv + 1], recomputed
             g = grad[..., s:s + n, :].to(work).reshape(b * h, n, d_v)
             d_o1 = _normalise_backward(g, _normalise(o1, eps), o1[..., d_v:], eps, torch.empty_like(o1))
             d_s1.baddbmm_(fq.transpose(1, 2), d_o1)
             if dq is not None:
-                d_fq = torch.bmm(d_o1, s1.transpose(1, 2)).view(b, h, n, d)
-                dq[..., s:s + n, :] = dphi(q_c, fq.view(b, h, n, d), d_fq)
+                d_fq = torch.bmm(d_o1, s1.transpose(1, 2)).view(b, h, n, f)
+                dq[..., s:s + n, :] = dphi(q_c, fq.reshape(b, h, n, f), d_fq)
         need_k, need_v = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         dk = torch.empty_like(k) if need_k else None
         dv = torch.empty_like(v) if need_v else None
@@ -370,10 +379,10 @@ class _BidirectionalChunked(torch.autograd.Function):
             m_c = None if m is None else m[:, None, s:s + n, None]
             if need_v:
                 fk_m = fk if m_c is None else fk * m_c
-                dv[..., s:s + n, :] = torch.bmm(fk_m.reshape(b * h, n, d), d_kv).view(b, h, n, d_v)
+                dv[..., s:s + n, :] = torch.bmm(fk_m.reshape(b * h, n, f), d_kv).view(b, h, n, d_v)
             if need_k:
                 v_c = v[..., s:s + n, :].to(work).reshape(b * h, n, d_v)
-                d_fk = torch.baddbmm(d_z[:, None, :], v_c, d_kv.transpose(1, 2)).view(b, h, n, d)
+                d_fk = torch.baddbmm(d_z[:, None, :], v_c, d_kv.transpose(1, 2)).view(b, h, n, f)
                 if m_c is not None:
                     d_fk.mul_(m_c)
                 dk[..., s:s + n, :] = dphi(k_c, fk, d_fk)

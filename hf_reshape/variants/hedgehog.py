@@ -16,6 +16,7 @@ from torch import nn
 
 from ..errors import InvalidParameterError
 from ..ops import linear as linear_ops
+from ..ops.feature_maps import HedgehogFeatureMap, hedgehog_features
 from ..ops import naive
 from ..registry import VariantParams, check_float, check_int, register_variant
 
@@ -35,25 +36,14 @@ class HedgehogParams(VariantParams):
 
 
 def init_state(params, *, num_heads, head_dim, **_):
-    f = params.feature_dim or head_dim
-    if f < head_dim:
-        eye = torch.eye(head_dim)[:, :f]
-    else:
-        eye = torch.cat([torch.eye(head_dim), torch.zeros(head_dim, f - head_dim)], -1)
-    w = eye.expand(num_heads, head_dim, f).clone()  # [H, D, F]
+    w = HedgehogFeatureMap(num_heads, head_dim, feature_dim=params.feature_dim).weight.detach()  # [H, D, F], W = I
     return {"map_q": nn.Parameter(w.clone()), "map_k": nn.Parameter(w.clone())}
 
 
 def feature_map(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``[softmax(x W), softmax(-x W)]`` per head: ``x`` ``[B, H, T, D]``, ``weight`` ``[H, D, F]`` -> ``[B, H, T, 2F]``.
-    Computed in float32 for half-precision inputs."""
-    if weight.dim() != 3 or weight.shape[0] != x.shape[1] or weight.shape[1] != x.shape[-1]:
-        raise InvalidParameterError(
-            f"hedgehog feature map of shape {tuple(weight.shape)} does not fit [H, D, F] for inputs {tuple(x.shape)}"
-        )
-    dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    proj = torch.einsum("bhtd,hdf->bhtf", x.to(dtype), weight.to(dtype))
-    return torch.cat([torch.softmax(proj, -1), torch.softmax(-proj, -1)], -1)
+    Computed in float32 for half-precision inputs (:func:`hf_reshape.ops.feature_maps.hedgehog_features`)."""
+    return hedgehog_features(x, weight)
 
 
 def _check(map_q, map_k):
@@ -66,6 +56,12 @@ def _check(map_q, map_k):
 
 def _identity(x):
     return x
+
+
+def features(q, k, *, params, scaling, q_offset=0, k_offset=0, map_q=None, map_k=None):
+    """``phi_q(q), phi_k(k)`` (``VariantSpec.features``: the recurrent decode state of causal generation)."""
+    _check(map_q, map_k)
+    return feature_map(q, map_q), feature_map(k, map_k)
 
 
 def _forward(q, k, v, *, mask, causal, scaling, params, dropout=0.0, training=False, map_q=None, map_k=None):
@@ -105,6 +101,7 @@ register_variant(
     state_names=("map_q", "map_k"),
     weights=weights,
     weights_over_keys=True,
+    features=features,
     complexity="O(T F D) time, O(T F + F D) memory (causal: chunked)",
     quadratic=False,
     description="linear attention with a learnable softmax feature map per head, trained to mimic softmax",

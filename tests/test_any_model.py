@@ -1,0 +1,355 @@
+"""Any model on transformers' attention interface: a conformance matrix of tiny models built from configs in code
+(decoders with grouped-query and multi-query attention, encoders, a vision encoder, a two-tower model and an
+encoder-decoder), discovery without a row per model, and the attention call's own arguments (the model's sliding
+window, soft-capping, sinks, a relative position bias) honoured or refused, never dropped."""
+
+import copy
+
+import pytest
+import torch
+import transformers as tf
+
+import hf_reshape
+from hf_reshape.architectures import attention_modules, layer_facts
+from hf_reshape.cache import LinearRecurrentLayer, ReshapeCache, SlidingWindowLayer
+from hf_reshape.integration import STATE_ATTR, hf_reshape_attention_forward
+
+SEQ = 12
+TEXT = dict(vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+            max_position_embeddings=64)
+VISION = dict(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
+              num_attention_heads=4, intermediate_size=37)
+SEQ2SEQ = dict(vocab_size=101, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+               decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37, pad_token_id=0, bos_token_id=1,
+               eos_token_id=2, decoder_start_token_id=1)
+DECODER_IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def _llama(**kw):
+    return tf.LlamaForCausalLM(tf.LlamaConfig(**TEXT, num_key_value_heads=2, **DECODER_IDS, **kw))
+
+
+def _qwen2(**kw):
+    return tf.Qwen2ForCausalLM(tf.Qwen2Config(**TEXT, num_key_value_heads=1, **DECODER_IDS, **kw))
+
+
+def _mistral(sliding_window=None, **kw):
+    return tf.MistralForCausalLM(tf.MistralConfig(**TEXT, num_key_value_heads=2, sliding_window=sliding_window,
+                                                  **DECODER_IDS, **kw))
+
+
+def _clip():
+    return tf.CLIPModel(tf.CLIPConfig(
+        text_config=dict(TEXT, max_position_embeddings=20, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+        vision_config=VISION, projection_dim=16))
+
+
+# name: (builder, kind); kind "decoder" generates, "encoder"/"vision" are bidirectional, "mixed" has both forms
+MODELS = {
+    "llama": (_llama, "decoder"),
+    "qwen2": (_qwen2, "decoder"),
+    "mistral": (_mistral, "decoder"),
+    "roberta": (lambda: tf.RobertaModel(tf.RobertaConfig(**TEXT, pad_token_id=0)), "encoder"),
+    "distilbert": (lambda: tf.DistilBertModel(tf.DistilBertConfig(
+        vocab_size=101, dim=32, n_layers=2, n_heads=4, hidden_dim=37, max_position_embeddings=64)), "encoder"),
+    "electra": (lambda: tf.ElectraModel(tf.ElectraConfig(**{**TEXT, "hidden_size": 32}, embedding_size=16)), "encoder"),
+    "deit": (lambda: tf.DeiTModel(tf.DeiTConfig(**VISION)), "vision"),
+    "clip": (_clip, "mixed"),
+    "bart": (lambda: tf.BartForConditionalGeneration(tf.BartConfig(**SEQ2SEQ, max_position_embeddings=64)), "mixed"),
+}
+
+
+@pytest.fixture(scope="module")
+def stock_models():
+    """One stock model per name, built once (deterministic); tests work on deep copies."""
+    built = {}
+    for name, (build, _) in MODELS.items():
+        torch.manual_seed(0)
+        model = build().eval()
+        with torch.no_grad():  # attention projections 5x their init: scores of order 1, where every variant differs
+            for layer in layer_facts(model):  # from softmax (at ~0.01, `taylor`'s 1 + s + s^2/2 is exp(s) to 1e-7)
+                for linear in layer.module.modules():
+                    if isinstance(linear, torch.nn.Linear):
+                        linear.weight.mul_(5.0)
+        built[name] = model
+    return built
+
+
+def _model(stock_models, name, dtype=torch.float32):
+    return copy.deepcopy(stock_models[name]).to(dtype).eval()
+
+
+def _inputs(name, batch=2, dtype=torch.float32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 101, (batch, SEQ), generator=g)
+    pixels = torch.randn(batch, 3, 16, 16, generator=g, dtype=dtype)
+    if name == "deit":
+        return {"pixel_values": pixels}
+    if name == "clip":
+        return {"input_ids": ids, "pixel_values": pixels}
+    if name == "bart":
+        return {"input_ids": ids, "decoder_input_ids": ids.flip(-1)}
+    return {"input_ids": ids}
+
+
+def _output(out) -> torch.Tensor:
+    for key in ("logits", "logits_per_image", "last_hidden_state"):
+        value = getattr(out, key, None)
+        if value is not None:
+            return value
+    raise AssertionError(f"no output in {type(out).__name__}")
+
+
+def _forms(name) -> set[bool]:
+    kind = MODELS[name][1]
+    return {True} if kind == "decoder" else {False} if kind in ("encoder", "vision") else {True, False}
+
+
+def _fits(variant, name) -> bool:
+    spec = hf_reshape.get_variant(variant)
+    return all(spec.causal if causal else spec.bidirectional for causal in _forms(name))
+
+
+def _small(variant):
+    return dict(hf_reshape.get_variant(variant).small_params)
+
+
+CASES = [(m, v) for m in MODELS for v in hf_reshape.list_variants() if _fits(v, m)]
+IDS = [f"{m}-{v}" for m, v in CASES]
+
+
+# ---------- discovery ----------
+
+
+def test_discovery_reads_heads_form_and_positions_without_a_row_per_model(stock_models):
+    facts = {name: layer_facts(model) for name, model in stock_models.items()}
+    llama = facts["llama"]
+    assert [(f.index, f.name) for f in llama] == [(0, "model.layers.0.self_attn"), (1, "model.layers.1.self_attn")]
+    assert {(f.num_heads, f.num_kv_heads, f.head_dim, f.causal, f.max_positions) for f in llama} == {(4, 2, 8, True, 64)}
+    assert {f.num_kv_heads for f in facts["qwen2"]} == {1}
+    assert {(f.causal, f.num_kv_heads) for f in facts["distilbert"]} == {(False, 4)}
+    assert {f.max_positions for f in facts["deit"]} == {18}  # 16 patches + class and distillation tokens
+    clip = {f.name.split(".")[0]: (f.causal, f.max_positions) for f in facts["clip"]}
+    assert clip == {"text_model": (True, 20), "vision_model": (False, 17)}  # the text tower runs causal
+    # the encoder-decoder: self-attention of both stacks, cross-attention skipped
+    bart = {(f.name.split(".")[1], f.causal) for f in facts["bart"]}
+    assert bart == {("encoder", False), ("decoder", True)}
+    crosses = [f.name for f in attention_modules(stock_models["bart"]) if f.cross]
+    assert crosses == ["model.decoder.layers.0.encoder_attn", "model.decoder.layers.1.encoder_attn"]
+
+
+def test_a_model_without_the_attention_interface_is_refused_with_the_reason():
+    model = tf.DebertaV2Model(tf.DebertaV2Config(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                                 num_attention_heads=2, intermediate_size=20))
+    with pytest.raises(hf_reshape.UnsupportedModelError, match="attention interface"):
+        hf_reshape.reshape(model, "linear")
+    assert model.config._attn_implementation != hf_reshape.ATTN_IMPLEMENTATION
+
+
+# ---------- the matrix ----------
+
+
+@pytest.mark.parametrize("name,variant", CASES, ids=IDS)
+def test_reshapes_runs_finite_and_saves_and_reloads_exactly(stock_models, name, variant, tmp_path):
+    model = _model(stock_models, name)
+    inputs = _inputs(name)
+    with torch.no_grad():
+        stock = _output(model(**inputs))
+        hf_reshape.reshape(model, variant, **_small(variant))
+        out = _output(model(**inputs))
+    assert torch.isfinite(out).all()
+    assert not torch.allclose(out, stock, atol=1e-6), "reshaping changed nothing: the variant did not run"
+    reshaped = {n for n, m in model.named_modules() if isinstance(getattr(m, STATE_ATTR, None), torch.nn.Module)}
+    assert reshaped == {f.name for f in layer_facts(model)}  # every self-attention layer, no cross-attention
+    with torch.no_grad():  # stand-in for training: move the variant's learned state off its initial value
+        for n, p in model.named_parameters():
+            if f".{STATE_ATTR}." in n:
+                p.add_(torch.randn_like(p) * 0.1)
+        before = _output(model(**inputs))
+    model.save_pretrained(tmp_path)
+    loaded = hf_reshape.from_pretrained(tmp_path)
+    assert type(loaded) is type(model)
+    with torch.no_grad():
+        assert torch.equal(_output(loaded.eval()(**inputs)), before)
+
+
+DEGENERATE = [c for c in CASES if hf_reshape.get_variant(c[1]).degenerate is not None]
+
+
+@pytest.mark.parametrize("name,variant", DEGENERATE, ids=[f"{m}-{v}" for m, v in DEGENERATE])
+def test_degenerate_setting_equals_stock_attention(stock_models, name, variant):
+    model = _model(stock_models, name, torch.float64)
+    inputs = _inputs(name, dtype=torch.float64)
+    t = {"deit": 18, "clip": 17}.get(name, SEQ)  # the longest sequence any tower reads
+    with torch.no_grad():
+        stock = _output(model(**inputs))
+        hf_reshape.reshape(model, variant, **hf_reshape.get_variant(variant).degenerate(t))
+        out = _output(model(**inputs))
+    torch.testing.assert_close(out, stock, atol=1e-9, rtol=1e-7)
+
+
+PADDED = [c for c in CASES if c[0] not in ("deit", "clip")]
+
+
+@pytest.mark.parametrize("name,variant", PADDED, ids=[f"{m}-{v}" for m, v in PADDED])
+def test_padding_invariance(stock_models, name, variant):
+    """A sequence alone equals the same sequence padded in a batch (right padding for encoders, left for decoders);
+    a fully padded row stays finite."""
+    model = hf_reshape.reshape(_model(stock_models, name, torch.float64), variant, **_small(variant))
+    ids = _inputs(name, batch=3)["input_ids"]
+    n, decoder = 7, MODELS[name][1] == "decoder"
+    mask = torch.ones(3, SEQ, dtype=torch.long)
+    real = slice(SEQ - n, None) if decoder else slice(0, n)
+    mask[0] = 0
+    mask[0, real] = 1
+    mask[2] = 0
+    kwargs = {}
+    if decoder:  # positions count real tokens, as generate() gives them (rotary positions are not shift-free for
+        kwargs = {"position_ids": (mask.cumsum(-1) - 1).clamp_min(0)}  # every variant)
+    if name == "bart":  # the encoder is padded; the decoder reads the encoder's real tokens only
+        dec = ids[:, :5].flip(-1)
+        kwargs = {"decoder_input_ids": dec}
+    with torch.no_grad():
+        batch = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, **kwargs)
+        alone = model(input_ids=ids[:1, real], output_hidden_states=True,
+                      **({"decoder_input_ids": kwargs["decoder_input_ids"][:1]} if name == "bart" else {}))
+    if name == "bart":
+        torch.testing.assert_close(batch.encoder_last_hidden_state[0, real], alone.encoder_last_hidden_state[0],
+                                   atol=1e-9, rtol=1e-7)
+        torch.testing.assert_close(batch.logits[0], alone.logits[0], atol=1e-9, rtol=1e-7)
+        return
+    hidden_b, hidden_a = batch.hidden_states[-1], alone.hidden_states[-1]
+    torch.testing.assert_close(hidden_b[0, real], hidden_a[0], atol=1e-9, rtol=1e-7)
+    assert torch.isfinite(hidden_b).all()
+
+
+DECODING = [c for c in CASES if MODELS[c[0]][1] == "decoder"]
+
+
+def _recompute_greedy(model, ids, steps):
+    seq = ids
+    for _ in range(steps):
+        logits = model(input_ids=seq, use_cache=False).logits[:, -1]
+        logits[:, 2] = float("-inf")  # never eos
+        seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
+    return seq
+
+
+@pytest.mark.parametrize("name,variant", DECODING, ids=[f"{m}-{v}" for m, v in DECODING])
+def test_greedy_generation_equals_recomputation(stock_models, name, variant):
+    """Rotary positions are applied before the attention call, so every variant sees rotated queries and keys;
+    decoding with the cache (bounded where the variant has a bounded form) equals recomputing the sequence."""
+    model = hf_reshape.reshape(_model(stock_models, name), variant, **_small(variant))
+    ids = _inputs(name, batch=1)["input_ids"][:, :6]
+    out = model.generate(ids, max_new_tokens=5, do_sample=False, return_dict_in_generate=True,
+                         min_new_tokens=5)
+    assert torch.equal(out.sequences, _recompute_greedy(model, ids, 5))
+    if variant in ("linear", "sliding_window"):
+        assert isinstance(out.cache, ReshapeCache)
+
+
+def test_grouped_query_linear_state_is_per_query_head_and_bounded(stock_models):
+    model = hf_reshape.reshape(_model(stock_models, "qwen2"), "linear", chunk_size=4)  # 4 query heads, 1 kv head
+    sizes = []
+    for n in (6, 20):
+        ids = torch.randint(3, 101, (1, n), generator=torch.Generator().manual_seed(n))
+        out = model.generate(ids, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+        layers = out.cache.layers
+        assert all(isinstance(layer, LinearRecurrentLayer) for layer in layers)
+        assert tuple(layers[0].state.shape) == (1, 4, 8, 8)
+        sizes.append(out.cache.nbytes())
+    assert sizes[0] == sizes[1]
+
+
+# ---------- the attention call's own arguments ----------
+
+
+def test_model_window_composes_with_sliding_window_and_refuses_other_variants():
+    torch.manual_seed(0)
+    stock = _mistral(sliding_window=5).eval().double()
+    ids = _inputs("mistral")["input_ids"]
+    with torch.no_grad():
+        expected = stock(input_ids=ids).logits
+    # a variant that cannot apply the model's window is refused up front, naming the argument and who serves it
+    model = copy.deepcopy(stock)
+    with pytest.raises(hf_reshape.UnsupportedModelError, match=r"sliding_window=5.*\['sliding_window'\]"):
+        hf_reshape.reshape(model, "linear")
+    assert model.config._attn_implementation != hf_reshape.ATTN_IMPLEMENTATION
+    # the variant's window intersected with the model's: window >= T leaves the model's 5 keys, as stock attention
+    hf_reshape.reshape(model, "sliding_window", window=SEQ)
+    assert {m.hf_reshape.params.window for m in model.modules() if hasattr(m, STATE_ATTR)} == {4}
+    assert hf_reshape.get_reshape_config(model).window == SEQ  # the record keeps what was asked
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, expected, atol=1e-9, rtol=1e-7)
+    # a layer left exact applies the model's window in hf_reshape's attention function too
+    partly = hf_reshape.reshape(copy.deepcopy(stock), "sliding_window", window=SEQ, layers=[1])
+    with torch.no_grad():
+        torch.testing.assert_close(partly(input_ids=ids).logits, expected, atol=1e-9, rtol=1e-7)
+    # and generation with the bounded cache equals recomputation
+    narrow = hf_reshape.reshape(copy.deepcopy(stock).float(), "sliding_window", window=3)
+    out = narrow.generate(ids[:1, :6], max_new_tokens=5, do_sample=False, return_dict_in_generate=True,
+                          min_new_tokens=5)
+    assert all(isinstance(layer, SlidingWindowLayer) for layer in out.cache.layers)
+    assert torch.equal(out.sequences, _recompute_greedy(narrow, ids[:1, :6], 5))
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gpt_oss", "mt5"])
+def test_arguments_only_exact_attention_applies_are_refused_and_applied_exactly(family):
+    """Soft-capping (Gemma 2), sinks (gpt-oss) and a relative position bias (T5 kin) are refused for every variant
+    at reshape time, naming the argument; layers left exact in hf_reshape's attention function apply them (and the
+    model's window) as the model's eager attention does (its softmax runs in float32, hence the tolerance)."""
+    torch.manual_seed(0)
+    ids = _inputs("llama")["input_ids"]
+    inputs = {"input_ids": ids}
+    if family == "gemma2":
+        model, argument = tf.Gemma2ForCausalLM(tf.Gemma2Config(
+            **TEXT, num_key_value_heads=2, head_dim=8, sliding_window=5, attn_logit_softcapping=1.5,
+            **DECODER_IDS)), "softcap=1.5"
+    elif family == "gpt_oss":
+        model, argument = tf.GptOssForCausalLM(tf.GptOssConfig(
+            **{**TEXT, "intermediate_size": 32}, num_key_value_heads=2, head_dim=8, num_local_experts=2, num_experts_per_tok=1, sliding_window=5,
+            **DECODER_IDS)), "s_aux"
+        with torch.no_grad():
+            for m in model.modules():
+                if hasattr(m, "sinks"):
+                    m.sinks.normal_()
+    else:
+        model, argument = tf.MT5Model(tf.MT5Config(vocab_size=101, d_model=32, d_kv=8, d_ff=37, num_layers=2,
+                                                   num_heads=4, pad_token_id=0, decoder_start_token_id=0)), "position_bias"
+        inputs["decoder_input_ids"] = ids[:, :5]
+    model = model.eval() if family == "gpt_oss" else model.double().eval()  # gpt-oss experts run in float32 only
+    for variant in ("linear", "sliding_window", "topk"):
+        with pytest.raises(hf_reshape.UnsupportedModelError, match=rf"`{argument}`.*variants that can serve it: none"):
+            hf_reshape.reshape(model, variant)
+    assert model.config._attn_implementation != hf_reshape.ATTN_IMPLEMENTATION
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        expected = _output(model(**inputs))
+        model.set_attn_implementation(hf_reshape.ATTN_IMPLEMENTATION)  # every layer exact, through our function
+        got = _output(model(**inputs))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    if family == "gpt_oss":  # the sinks take part: without them (a logit of -1e9) the outputs differ
+        with torch.no_grad():
+            for m in model.modules():
+                if hasattr(m, "sinks"):
+                    m.sinks.fill_(-1e9)
+            assert not torch.allclose(_output(model(**inputs)), expected, atol=1e-3)
+
+
+def test_an_unknown_argument_of_the_attention_call_raises_naming_it(stock_models):
+    model = hf_reshape.reshape(_model(stock_models, "llama"), "linear")
+    module = model.model.layers[0].self_attn
+    q = k = v = torch.randn(1, 4, 3, 8)
+    with pytest.raises(hf_reshape.UnsupportedModelError, match=r"\['block_indices'\]"):
+        hf_reshape_attention_forward(module, q, k, v, None, block_indices=torch.zeros(1))
+    with pytest.raises(hf_reshape.UnsupportedModelError, match=r"softcap"):
+        hf_reshape_attention_forward(module, q, k, v, None, softcap=30.0)
+    # None values are what transformers passes when a model has no such argument: accepted
+    hf_reshape_attention_forward(module, q, k, v, None, softcap=None, block_indices=None, sliding_window=None)
+
+
+def test_cross_attention_is_untouched(stock_models):
+    model = hf_reshape.reshape(_model(stock_models, "bart"), "linear")
+    decoder_layer = model.model.decoder.layers[0]
+    assert hasattr(decoder_layer.self_attn, STATE_ATTR)
+    assert not hasattr(decoder_layer.encoder_attn, STATE_ATTR)
