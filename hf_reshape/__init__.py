@@ -21,6 +21,7 @@ from .errors import (
     UnsupportedModelError,
 )
 from .integration import ATTN_IMPLEMENTATION
+from .ops.feature_maps import FeatureMap, list_feature_maps, make_feature_map, register_feature_map
 from .registry import VariantParams, VariantSpec, get_variant, list_variants, register_variant
 from .reshape import extend_positions, from_pretrained, get_reshape_config, reshape, unreshape
 
@@ -29,6 +30,7 @@ __all__ = [
     "InvalidParameterError",
     "NotCausalError",
     "NothingToTransferError",
+    "FeatureMap",
     "ReshapeCache",
     "ReshapeConfig",
     "ReshapeError",
@@ -43,7 +45,10 @@ __all__ = [
     "functional",
     "get_reshape_config",
     "get_variant",
+    "list_feature_maps",
     "list_variants",
+    "make_feature_map",
+    "register_feature_map",
     "register_variant",
     "observe",
     "reshape",

@@ -123,6 +123,7 @@ class Override:
     causal: bool | None = None
     max_positions: Callable[[object], int | None] | None = None
     refuse: str | None = None
+    causal_names: str | None = None  # a regex: self-attention modules whose qualified name matches run causal
 
 
 _RELATIVE_BIAS_IN_MASK = (
@@ -138,6 +139,9 @@ OVERRIDES: dict[str, Override] = {
         "clip_text_model", "clipseg_text_model", "groupvit_text_model", "metaclip_2_text_model", "owlv2_text_model",
         "owlvit_text_model", "x_clip_text_model",
     )},
+    # the decoder's self-attention is built without `is_causal=True`; causality comes only from the 4D mask
+    # transformers builds for eager attention (transformers/models/nllb_moe/modeling_nllb_moe.py, NllbMoeDecoderLayer)
+    "nllb-moe": Override(causal_names=r"(^|\.)decoder\."),
 }
 
 
@@ -404,6 +408,8 @@ def _facts(model: nn.Module, name: str, module: nn.Module, cross: bool) -> Layer
     causal = arguments.get("is_causal")
     if not isinstance(causal, bool):
         causal = override.causal if override is not None and override.causal is not None else None
+        if override is not None and override.causal_names and re.search(override.causal_names, name):
+            causal = True
     if causal is None:
         causal = bool(getattr(module, "is_causal", False))
     window = arguments.get(WINDOW_ARGUMENT)
@@ -434,6 +440,27 @@ def attention_modules(model: nn.Module) -> list[LayerFacts]:
     return found
 
 
+def foreign_attention(model: nn.Module) -> list[str]:
+    """Names of modules that compute attention outside the interface yet take an ``attention_mask`` (GIT's text
+    ``GitSelfAttention``): once the model's implementation is hf_reshape's, the masks transformers builds for them
+    come from hf_reshape's mask function (2D key padding, no causality), so the model cannot be reshaped."""
+    interface = {name for name, m in model.named_modules() if uses_attention_interface(type(m))}
+    found = []
+    for name, module in model.named_modules():
+        cls = type(module)
+        if "attention" not in cls.__name__.lower() or cls.__module__.startswith("torch.") or name in interface:
+            continue
+        if any(other.startswith(f"{name}.") or not name for other in interface):
+            continue  # a wrapper of an interface module (BertAttention around BertSelfAttention)
+        try:
+            takes_mask = "attention_mask" in inspect.signature(module.forward).parameters
+        except (TypeError, ValueError):
+            takes_mask = False
+        if takes_mask:
+            found.append(name)
+    return found
+
+
 # ---------- the API reshape and the cache use ----------
 
 
@@ -456,6 +483,15 @@ def get_architecture(model: nn.Module) -> Architecture:
             f"transformers' attention interface ({INTERFACE}), so there is no self-attention hf_reshape can swap; "
             "supported: any model whose attention goes through that interface (Llama, Qwen, Mistral, BERT, "
             "RoBERTa, GPT-2, ViT, CLIP, Whisper, BART, ...)"
+        )
+    foreign = foreign_attention(model)
+    if foreign:
+        classes = sorted({type(model.get_submodule(n)).__name__ for n in foreign})
+        raise UnsupportedModelError(
+            f"{type(model).__name__} (model_type={model_type!r}) is not supported: its {classes} ({foreign[0]}, ...) "
+            "compute attention outside transformers' attention interface, from masks transformers builds for the "
+            "model's attention implementation; under hf_reshape's those masks are 2D key padding, which these modules "
+            "would misread"
         )
     for layer in layers:
         layer_override = _override(model, _module_config(model, layer.module))

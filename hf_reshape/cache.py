@@ -283,9 +283,10 @@ class SinkWindowLayer(_ReshapeLayerMixin, CacheLayerMixin):
     this layer to the attention call with the new keys (:func:`hf_reshape.integration.hand_over`), and
     :meth:`attend` computes the output from the kept keys plus the new ones, then keeps what the next step needs.
     Positions are not touched: a model whose positions enter at its input (GPT-2, BERT) gave each kept key its
-    position when it was computed, so a cache step sees exactly what recomputing the whole sequence with the
-    ``sink_window`` forward sees (the position ids are the model's own; they must stay inside its position table,
-    see ``hf_reshape.reshape(..., max_positions=...)``).
+    position when it was computed, and a RoPE model rotated it at its true position, so a cache step sees exactly
+    what recomputing the whole sequence with the ``sink_window`` forward sees. The position ids are the model's own
+    (a learned table's must stay inside it, see ``hf_reshape.reshape(..., max_positions=...)``); StreamingLLM's
+    re-rotation of kept RoPE keys to their cache positions is not done.
 
     State per sequence of the batch: ``sink_keys``/``sink_values`` ``[B, H, num_sink, D]`` with ``sinks_filled``
     ``[B]`` (how many slots hold a real token), and ``keys``/``values`` ``[B, H, <= window, D]``, the last
@@ -361,7 +362,9 @@ class SinkWindowLayer(_ReshapeLayerMixin, CacheLayerMixin):
         from .variants.sink_window import sink_window_attention
 
         if query.shape[-2] != key.shape[-2]:
-            raise ValueError(f"a cache step needs as many queries as new keys, got {query.shape[-2]} and {key.shape[-2]}")
+            raise ValueError(
+                f"a cache step needs as many queries as new keys, got {query.shape[-2]} and {key.shape[-2]}"
+            )
         if scaling is None:
             scaling = getattr(self._module(), "scaling", None) or query.shape[-1] ** -0.5
         b, t = key.shape[0], key.shape[-2]

@@ -210,15 +210,17 @@ def _exact_with_arguments(query, key, value, mask, causal, scaling, dropout, win
 def key_padding_of(mask: torch.Tensor, causal: bool, t_q: int, t_k: int) -> torch.Tensor | None:
     """The 2D key-padding mask ``[B, T_k]`` (True = real) a 4D mask ``[B or 1, H or 1, T_q, T_k]`` encodes, or None
     when it encodes more than padding (and causality): a bias, a window, a block pattern. A bool mask is True where
-    allowed; a float mask is 0 where allowed and at most half the dtype's lowest value (or -inf) where not. Rows of
+    allowed; a float mask is 0 where allowed and -1e4 or lower (BERT's -10000, the dtype's lowest value, -inf)
+    where not. Rows of
     padded queries are not compared (transformers may unmask them entirely)."""
-    if mask.dim() != 4 or mask.shape[-2:] != (t_q, t_k):
+    if mask.dim() != 4 or mask.shape[-1] != t_k or mask.shape[-2] not in (1, t_q):
         return None
+    mask = mask.expand(*mask.shape[:2], t_q, t_k)  # [B, 1, 1, T_k] masks (BERT's extended mask) serve every query
     if mask.dtype == torch.bool:
         allowed = mask
     else:
         allowed = mask == 0
-        if not (allowed | (mask <= torch.finfo(mask.dtype).min / 2)).all():
+        if not (allowed | (mask <= -1e4)).all():
             return None
     if allowed.shape[1] > 1 and not (allowed == allowed[:, :1]).all():
         return None
@@ -229,8 +231,11 @@ def key_padding_of(mask: torch.Tensor, causal: bool, t_q: int, t_k: int) -> torc
         counts = allowed.sum(-1).masked_fill(allowed.sum(-1) == 0, t_k + 1)
         key = allowed.gather(1, counts.argmin(-1)[:, None, None].expand(-1, 1, t_k))[:, 0]
     expected = allowed_mask(key, t_q, t_k, causal, mask.device)[:, 0]
-    real_query = key[:, t_k - t_q:] if causal else key
-    if not ((allowed == expected) | ~real_query[:, :, None]).all():
+    real_query = (key[:, t_k - t_q:] if causal else key)[:, :, None]
+    # a padded query's row may be empty or unmasked entirely (transformers' `_unmask_unattended`), nothing else:
+    # a block-diagonal mask (several images in one sequence) is not padding
+    loose = allowed.all(-1, keepdim=True) | ~allowed.any(-1, keepdim=True)
+    if not ((allowed == expected) | (~real_query & loose)).all():
         return None
     return key
 
@@ -467,11 +472,60 @@ def hf_reshape_mask(
     attention_mask: torch.Tensor | None = None,
     **kwargs,
 ):
-    """Mask interface: return the 2D key-padding mask for the ``kv_length`` keys (or ``None``). Patterns that
-    transformers composes into ``mask_function`` (packed sequences, overlays) are not supported."""
+    """Mask interface: return the 2D key-padding mask for the ``kv_length`` keys (or ``None``). Causality reaches the
+    attention function as ``is_causal`` and a sliding window as ``sliding_window``; any other pattern transformers
+    composes into ``mask_function`` (chunked attention, packed sequences, bidirectional image tokens) is refused
+    when it hides a key this call would otherwise see (:func:`check_mask_function`)."""
+    check_mask_function(mask_function, batch_size, q_length, kv_length, q_offset, kv_offset,
+                        attention_mask.device if attention_mask is not None else None)
     if attention_mask is None:
         return None
     return attention_mask[:, kv_offset : kv_offset + kv_length].to(torch.bool)
+
+
+_SAMPLED_ROWS = 64
+
+
+def check_mask_function(mask_function, batch_size, q_length, kv_length, q_offset=0, kv_offset=0, device=None) -> None:
+    """Refuse a mask pattern hf_reshape would drop: evaluate transformers' ``mask_function`` (``(batch, head, q, kv)
+    -> allowed``, broadcast over index tensors as ``masking_utils.sdpa_mask`` does) on up to 64 query rows and every
+    key of this call, and accept only causal, bidirectional, or either within a sliding window (``|i - j| < W``),
+    which the attention call's ``is_causal`` and ``sliding_window`` carry. O(64 x T_k) per mask built."""
+    if mask_function is None or q_length <= 0 or kv_length <= 0:
+        return
+    from .ops.common import tracing
+
+    if tracing():  # under torch.export / compile the check would branch on data; it ran in eager use already
+        return
+    rows = torch.arange(q_length, device=device)
+    if q_length > _SAMPLED_ROWS:
+        rows = torch.linspace(0, q_length - 1, _SAMPLED_ROWS, device=device).round().long().unique()
+    q = rows + q_offset
+    kv = torch.arange(kv_length, device=device) + kv_offset
+    b = torch.arange(batch_size, device=device)
+    try:
+        got = mask_function(b[:, None, None, None], torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device),
+                            q[None, None, :, None], kv[None, None, None, :])
+        got = torch.as_tensor(got, dtype=torch.bool).expand(batch_size, 1, len(rows), kv_length)
+    except Exception as err:  # a pattern that cannot be evaluated on index tensors (vmap only)
+        raise UnsupportedModelError(
+            f"the model's attention mask pattern ({getattr(mask_function, '__name__', mask_function)}) cannot be "
+            f"checked by hf_reshape ({type(err).__name__}: {err}); hf_reshape applies only causal, bidirectional and "
+            "sliding-window patterns"
+        ) from None
+    rel = q[:, None] - kv[None, :]
+    for base in (rel >= 0, torch.ones_like(rel, dtype=torch.bool)):
+        if bool((got <= base).all()):
+            seen = got.any(0).any(0)  # [rows, keys] allowed for some sequence
+            width = int(rel.abs()[seen].max()) + 1 if bool(seen.any()) else 0
+            if bool((got == (base & (rel.abs() < width))).all()) or bool((got == base).all()):
+                return
+    raise UnsupportedModelError(
+        f"the model builds an attention mask pattern beyond causality, a sliding window and padding (mask function "
+        f"{getattr(mask_function, '__name__', type(mask_function).__name__)!r}: chunked attention, packed sequences, "
+        "bidirectional image tokens or the like), which hf_reshape's attention function would drop; hf_reshape "
+        "applies only causal, bidirectional and sliding-window patterns"
+    )
 
 
 def register_with_transformers() -> None:

@@ -189,10 +189,10 @@ def plan_extension(model: nn.Module, *, max_positions=None, image_size=None) -> 
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     table = TABLES.get(model_type)
     if table is None:
+        by = {kw: [k for k, t in TABLES.items() if t.keyword == kw] for kw in KEYWORDS}
         raise UnsupportedModelError(
             f"cannot extend the positions of {type(model).__name__} (model_type={model_type!r}): supported model "
-            f"types {sorted(TABLES)} (max_positions= for {[k for k, t in TABLES.items() if t.keyword == 'max_positions']}, "
-            f"image_size= for {[k for k, t in TABLES.items() if t.keyword == 'image_size']})"
+            f"types {sorted(TABLES)} (max_positions= for {by['max_positions']}, image_size= for {by['image_size']})"
         )
     given = {"max_positions": max_positions, "image_size": image_size}
     wrong = [k for k in KEYWORDS if k != table.keyword and given[k] is not None]
@@ -240,8 +240,9 @@ def check_record(config, record: dict, where: str) -> None:
     if entry is None:
         return
     table = TABLES.get(getattr(config, "model_type", None))
+    sizes = [entry.get(k) for k in ("trained", "extended")] if isinstance(entry, dict) else [None]
     ok = (isinstance(entry, dict) and table is not None and entry.get("keyword") == table.keyword
-          and all(isinstance(entry.get(k), int) and not isinstance(entry.get(k), bool) for k in ("trained", "extended")))
+          and all(isinstance(v, int) and not isinstance(v, bool) for v in sizes))
     if not ok:
         raise InvalidParameterError(
             f"{where}: the `hf_reshape` record's {RECORD_KEY!r} entry is malformed ({entry!r}); a saved one reads like "

@@ -353,3 +353,33 @@ def test_cross_attention_is_untouched(stock_models):
     decoder_layer = model.model.decoder.layers[0]
     assert hasattr(decoder_layer.self_attn, STATE_ATTR)
     assert not hasattr(decoder_layer.encoder_attn, STATE_ATTR)
+
+
+def test_a_4d_padding_mask_is_read_as_padding_and_any_other_4d_mask_is_refused_by_reshaped_layers(stock_models):
+    model = hf_reshape.reshape(_model(stock_models, "roberta", torch.float64), "linear")
+    ids = _inputs("roberta")["input_ids"]
+    mask = torch.ones(2, SEQ, dtype=torch.long)
+    mask[1, 7:] = 0
+    additive = torch.zeros(2, 1, SEQ, SEQ, dtype=torch.float64).masked_fill(~mask.bool()[:, None, None, :], -1e300)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = model(input_ids=ids, attention_mask=additive).last_hidden_state
+        torch.testing.assert_close(got[mask.bool()], expected[mask.bool()], atol=1e-12, rtol=0)
+        pattern = additive.clone()
+        pattern[..., 0, 3] = -1e300  # one pair more: not padding
+        with pytest.raises(hf_reshape.UnsupportedModelError, match="4D mask .* not one"):
+            model(input_ids=ids, attention_mask=pattern)
+
+
+def test_exact_layers_apply_a_mask_the_model_builds_itself():
+    """Swin's shifted windows come as a 4D additive mask with its relative position bias: a reshaped layer refuses
+    it (above); a layer left exact applies it as eager attention does."""
+    torch.manual_seed(0)
+    model = tf.SwinModel(tf.SwinConfig(image_size=16, patch_size=2, embed_dim=16, depths=[2], num_heads=[2],
+                                       window_size=4)).double().eval()
+    pixels = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        expected = model(pixel_values=pixels).last_hidden_state
+        model.set_attn_implementation(hf_reshape.ATTN_IMPLEMENTATION)
+        torch.testing.assert_close(model(pixel_values=pixels).last_hidden_state, expected, atol=1e-6, rtol=1e-6)

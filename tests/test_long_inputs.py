@@ -133,7 +133,8 @@ def test_an_extended_model_loads_from_a_hub_style_folder(tmp_path, monkeypatch):
     model = hf_reshape.reshape(tiny_model("bert", cls="BertForSequenceClassification"), "sliding_window", window=4,
                                max_positions=160)
     model.save_pretrained(tmp_path / "saved")
-    _hub_cache(tmp_path / "cache", "someone/bert-long", {f.name: f.read_bytes() for f in (tmp_path / "saved").iterdir()})
+    files = {f.name: f.read_bytes() for f in (tmp_path / "saved").iterdir()}
+    _hub_cache(tmp_path / "cache", "someone/bert-long", files)
     loaded = hf_reshape.from_pretrained("someone/bert-long", cache_dir=str(tmp_path / "cache")).eval()
     assert loaded.bert.embeddings.position_embeddings.num_embeddings == 160
     saved, got = model.state_dict(), loaded.state_dict()
@@ -311,7 +312,10 @@ def test_position_ids_kept_in_range_stream_without_an_extension():
     seq, sizes, logits, _ = streaming_greedy(model, prompt, 200, position_ids=wrapped)
     assert len(set(sizes[15:])) == 1
     with torch.no_grad():
-        full = model(input_ids=seq, position_ids=wrapped, use_cache=False).logits[:, prompt.shape[1] - 1 : -1]
+        # with an attention mask: without one (and no cache), transformers reads the reset of the position ids at 64
+        # as the start of a second packed sequence
+        full = model(input_ids=seq, position_ids=wrapped, attention_mask=torch.ones_like(seq),
+                     use_cache=False).logits[:, prompt.shape[1] - 1 : -1]
     torch.testing.assert_close(logits, full, rtol=1e-4, atol=1e-4)
     extended = hf_reshape.extend_positions(copy.deepcopy(model), max_positions=205)
     assert torch.equal(streaming_greedy(extended, prompt, 200)[0], seq)
@@ -388,3 +392,29 @@ def test_sink_window_bidirectional_on_bert_and_vit():
             none = hf_reshape.reshape(copy.deepcopy(model), "sink_window", num_sink=0, window=2)(**inputs)[0]
         assert torch.equal(none, window)  # no sink: the sliding window itself
         assert not torch.allclose(sinks, window)
+
+
+def _discovers_any_model() -> bool:
+    """Whether this hf_reshape reshapes models beyond BERT, GPT-2 and ViT (the generic attention discovery)."""
+    from hf_reshape import architectures
+
+    return hasattr(architectures, "attention_modules")
+
+
+@pytest.mark.skipif(not _discovers_any_model(), reason="needs hf_reshape's generic attention discovery (Llama)")
+def test_a_rope_model_with_grouped_heads_streams_past_its_length_like_recomputing():
+    """Llama (rotary positions, two query heads per key/value head): the kept keys are the rotated ones, at their
+    true positions, so 60 tokens past max_position_embeddings match a full forward, with a constant cache."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                      bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    model = hf_reshape.reshape(transformers.LlamaForCausalLM(config).eval(), "sink_window", num_sink=2, window=4)
+    prompt = ids_of(7)
+    seq, sizes, logits, cache = streaming_greedy(model, prompt, 85)
+    assert all(isinstance(layer, SinkWindowLayer) for layer in cache.layers) and len(set(sizes[10:])) == 1
+    with torch.no_grad():
+        full = model(input_ids=seq, use_cache=False).logits[:, prompt.shape[1] - 1 : -1]
+    torch.testing.assert_close(logits, full, rtol=1e-4, atol=1e-4)
+    out = model.generate(prompt, max_new_tokens=85, min_new_tokens=85, do_sample=False)
+    assert torch.equal(out, seq)

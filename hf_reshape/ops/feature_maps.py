@@ -164,20 +164,20 @@ def taylor_output_dim(head_dim: int) -> int:
     return 1 + head_dim + head_dim * (head_dim + 1) // 2
 
 
-_TRIANGLE: dict[tuple[int, str, torch.dtype], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+_TRIANGLE: dict[tuple[int, str, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def _triangle(d: int, device: torch.device, dtype: torch.dtype):
-    """Row and column of each upper-triangle entry ``(a, b)`` of a ``d x d`` matrix, row by row (``a`` ascending,
-    then ``b`` from ``a``), and its weight in the quadratic features ``[D(D+1)/2, 1]``: ``1 / sqrt(2)`` on the
-    diagonal, ``1`` off it (see :func:`taylor_features`)."""
+    """The upper triangle of a ``d x d`` matrix, row by row (``a`` ascending, then ``b`` from ``a``): the index of
+    each diagonal entry ``(a, a)`` in that order, and the weight of every entry in the quadratic features,
+    ``1 / sqrt(2)`` on the diagonal and ``1`` off it (see :func:`taylor_features`)."""
     key = (d, str(device), dtype)
     if key in _TRIANGLE:
         return _TRIANGLE[key]
-    rows, cols = torch.triu_indices(d, d, device=device)
-    weight = torch.ones(rows.shape[0], 1, dtype=torch.float64, device=device)
-    weight[rows == cols] = 0.5**0.5
-    found = rows, cols, weight.to(dtype)
+    diagonal = torch.tensor([a * d - a * (a - 1) // 2 for a in range(d)], dtype=torch.long, device=device)
+    weight = torch.ones(d * (d + 1) // 2, dtype=torch.float64, device=device)
+    weight[diagonal] = 0.5**0.5
+    found = diagonal, weight.to(dtype)
     if not tracing():  # a traced call's tensors are fakes: never keep them
         _TRIANGLE[key] = found
     return found
@@ -192,23 +192,27 @@ def taylor_features(x: torch.Tensor, scaling: float) -> torch.Tensor:
     term in ``D(D+1)/2`` features rather than ``D^2``. The kernel is at least ``1/2`` for any pair, so every
     allowed key gets a positive weight. Float32 for half-precision inputs.
 
-    Built feature-major, ``[B, H, F, T]``, and returned as its transposed view: the triangle is two gathers of whole
-    rows ``u_a`` (contiguous along ``T``) and one product, where a gather along the last axis costs far more, and the
-    linear kernels' ``phi(K)^T V`` reads the features in that layout directly."""
-    xt = (_work(x) * math.sqrt(scaling)).transpose(-1, -2).contiguous()  # [B, H, D, T]
-    d = xt.shape[-2]
-    rows, cols, weight = _triangle(d, xt.device, xt.dtype)
-    left = xt.index_select(-2, rows) * weight  # [B, H, D(D+1)/2, T]
-    right = xt.index_select(-2, cols)
-    if autograd_records(xt):
-        ones = xt.new_ones(()).expand(*xt.shape[:-2], 1, xt.shape[-1])
-        return torch.cat([ones, xt, left * right], -2).transpose(-1, -2)
-    # no autograd: written in place into one buffer (fresh memory costs page faults on first touch)
-    out = xt.new_empty(*xt.shape[:-2], taylor_output_dim(d), xt.shape[-1])
-    out[..., 0, :] = 1.0
-    out[..., 1:d + 1, :] = xt
-    torch.mul(left, right, out=out[..., d + 1:, :])
-    return out.transpose(-1, -2)
+    Row ``a`` of the triangle is one broadcast product ``u_a * u_{a:}`` (measured faster than gathering the pairs
+    along the last axis, and than building feature-major rows, whose transposed layout the kernels' matmuls read
+    slowly)."""
+    u = _work(x) * math.sqrt(scaling)
+    d = u.shape[-1]
+    diagonal, weight = _triangle(d, u.device, u.dtype)
+    if autograd_records(u):
+        quad = torch.cat([u[..., a:a + 1] * u[..., a:] for a in range(d)], -1) if d else u[..., :0]
+        ones = u.new_ones(()).expand(*u.shape[:-1], 1)
+        return torch.cat([ones, u, quad * weight], -1)
+    # no autograd: every piece written in place into one buffer (fresh memory costs page faults on first touch)
+    out = u.new_empty(*u.shape[:-1], taylor_output_dim(d))
+    out[..., 0] = 1.0
+    out[..., 1:d + 1] = u
+    start = d + 1
+    for a in range(d):
+        torch.mul(u[..., a:a + 1], u[..., a:], out=out[..., start:start + d - a])
+        start += d - a
+    quad = out[..., d + 1:]
+    quad[..., diagonal] = quad[..., diagonal] * weight[diagonal]
+    return out
 
 
 def taylor_unit(x: torch.Tensor) -> torch.Tensor:
@@ -228,8 +232,9 @@ def taylor_unit_grad(x: torch.Tensor, fx: torch.Tensor, grad: torch.Tensor) -> t
     (``d/dx_a (w x_a x_b) = w x_b``, ``d/dx_b = w x_a``; on the diagonal ``d/dx_a (w x_a^2) = 2 w x_a``). ``G`` is
     ``D^2`` per token, formed for the kernel's slice of rows only."""
     d = x.shape[-1]
-    rows, cols, weight = _triangle(d, grad.device, grad.dtype)
-    g2 = grad[..., d + 1:] * weight[:, 0]
+    _, weight = _triangle(d, grad.device, grad.dtype)
+    rows, cols = torch.triu_indices(d, d, device=grad.device)  # the same order, row by row
+    g2 = grad[..., d + 1:] * weight
     g = grad.new_zeros(*grad.shape[:-1], d * d).index_copy_(-1, rows * d + cols, g2).view(*grad.shape[:-1], d, d)
     sym = g + g.transpose(-1, -2)
     return grad[..., 1:d + 1] + torch.matmul(sym, x.to(grad.dtype).unsqueeze(-1)).squeeze(-1)
