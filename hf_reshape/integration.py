@@ -48,6 +48,8 @@ except ImportError:  # another transformers: only the `output_attentions` keywor
 
 ATTN_IMPLEMENTATION = "hf_reshape"
 STATE_ATTR = "hf_reshape"  # name of the ReshapedAttention submodule on a transformers attention module
+# the form discovery found for a module whose `is_causal` attribute says otherwise (set by reshape)
+CAUSAL_ATTR = "_hf_reshape_is_causal"
 # a child of transformers' library logger: its handler, and `transformers.logging.set_verbosity_*`, apply
 logger = hf_logging.get_logger("transformers.hf_reshape")
 
@@ -107,6 +109,13 @@ def repeat_kv_heads(states: torch.Tensor, groups: int) -> torch.Tensor:
     return states[:, :, None].expand(b, h, groups, t, d).reshape(b, h * groups, t, d)
 
 
+def module_is_causal(module: nn.Module) -> bool:
+    """The form of ``module``'s attention: what ``reshape`` found (:data:`CAUSAL_ATTR`, for the odd modules whose
+    ``is_causal`` attribute is not it), else its ``is_causal``."""
+    found = module.__dict__.get(CAUSAL_ATTR)
+    return bool(getattr(module, "is_causal", False)) if found is None else found
+
+
 def call_arguments(module: nn.Module, kwargs: dict) -> dict:
     """Take the arguments of an attention call that change its maths out of ``kwargs``: ``is_causal`` (the
     module's ``is_causal`` when not given), ``sliding_window``, and those only exact attention applies
@@ -127,7 +136,7 @@ def call_arguments(module: nn.Module, kwargs: dict) -> dict:
             f"silently compute another attention. Arguments hf_reshape applies: {[WINDOW_ARGUMENT, *EXACT_ONLY_ARGUMENTS]}"
         )
     if out["is_causal"] is None:
-        out["is_causal"] = bool(getattr(module, "is_causal", False))
+        out["is_causal"] = module_is_causal(module)
     return out
 
 
@@ -262,7 +271,7 @@ def hf_reshape_attention_forward(
     holder = holder if isinstance(holder, ReshapedAttention) else None
     if attention_mask is not None and attention_mask.dim() == 4:
         causal_given = kwargs.get("is_causal")
-        causal_given = bool(getattr(module, "is_causal", False)) if causal_given is None else bool(causal_given)
+        causal_given = module_is_causal(module) if causal_given is None else bool(causal_given)
         padding = key_padding_of(attention_mask, causal_given, query.shape[-2], key.shape[-2])
         if padding is None and holder is not None:
             raise UnsupportedModelError(
@@ -287,12 +296,14 @@ def hf_reshape_attention_forward(
     arguments = call_arguments(module, kwargs)
     causal, window = bool(arguments["is_causal"]), arguments[WINDOW_ARGUMENT]
     recurrent = handed_over(key) if holder is not None else None
-    if key.shape[1] != query.shape[1]:
-        # grouped-query / multi-query attention: transformers hands over the key/value heads as they are
-        if key.shape[1] == 0 or query.shape[1] % key.shape[1]:
-            raise ValueError(f"{query.shape[1]} query heads cannot share {key.shape[1]} key/value heads evenly")
-        groups = query.shape[1] // key.shape[1]
-        key, value = repeat_kv_heads(key, groups), repeat_kv_heads(value, groups)
+    if key.shape[1] != query.shape[1] or value.shape[1] != query.shape[1]:
+        # grouped-query / multi-query attention: transformers hands over the key/value heads as they are (each
+        # counted on its own: a few models group the keys only)
+        for states in (key, value):
+            if states.shape[1] == 0 or query.shape[1] % states.shape[1]:
+                raise ValueError(f"{query.shape[1]} query heads cannot share {states.shape[1]} key/value heads evenly")
+        key = repeat_kv_heads(key, query.shape[1] // key.shape[1])
+        value = repeat_kv_heads(value, query.shape[1] // value.shape[1])
     params = None
     if holder is not None:
         _check_reshaped_call(module, holder, arguments, query, key, causal)

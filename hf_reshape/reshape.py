@@ -27,6 +27,7 @@ from . import positions
 from .functional import check_form
 from .integration import (
     ATTN_IMPLEMENTATION,
+    CAUSAL_ATTR,
     STATE_ATTR,
     WINDOW_VARIANTS,
     ReshapedAttention,
@@ -91,6 +92,8 @@ class _Plan:
     config: ReshapeConfig
     holders: list[tuple[nn.Module, ReshapedAttention]]
     extension: positions.Extension | None = None
+    # self-attention modules whose form discovery tells apart from their `is_causal` attribute (hf_reshape.architectures)
+    forms: list[tuple[nn.Module, bool]] = dataclasses.field(default_factory=list)
 
 
 def reshape(
@@ -201,7 +204,8 @@ def _plan(model: nn.Module, cfg: ReshapeConfig, max_positions=None, image_size=N
         if ref is not None:
             holder = holder.to(device=ref.device, dtype=ref.dtype)
         holders.append((module, holder))
-    return _Plan(cfg, holders, extension)
+    forms = [(f.module, f.causal) for f in every if not f.cross and f.causal != bool(getattr(f.module, "is_causal", False))]
+    return _Plan(cfg, holders, extension, forms)
 
 
 def _check_known_arguments(model: nn.Module, modules) -> None:
@@ -255,6 +259,8 @@ def _apply(model: nn.Module, plan: _Plan) -> None:
         for module, holder in plan.holders:
             setattr(module, STATE_ATTR, holder)
             install_guard(module)
+        for module, causal in plan.forms:  # read by hf_reshape's attention function before `is_causal`
+            module.__dict__[CAUSAL_ATTR] = causal
         if not hasattr(model, _ORIGINAL_ATTR):
             setattr(model, _ORIGINAL_ATTR, model.config._attn_implementation)
         record = plan.config.to_dict()
@@ -343,6 +349,8 @@ def unreshape(model: nn.Module) -> nn.Module:
     if hasattr(target.config, MODEL_CONFIG_KEY) or target.config._attn_implementation == ATTN_IMPLEMENTATION:
         _own_config(target)
     _strip(target)
+    for module in target.modules():
+        module.__dict__.pop(CAUSAL_ATTR, None)
     remove_generation_hook(target)
     original = getattr(target, _ORIGINAL_ATTR, None) or "sdpa"
     if hasattr(target, _ORIGINAL_ATTR):

@@ -383,3 +383,55 @@ def test_exact_layers_apply_a_mask_the_model_builds_itself():
         expected = model(pixel_values=pixels).last_hidden_state
         model.set_attn_implementation(hf_reshape.ATTN_IMPLEMENTATION)
         torch.testing.assert_close(model(pixel_values=pixels).last_hidden_state, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_a_mask_pattern_beyond_causality_and_a_window_is_refused_not_dropped():
+    from transformers import masking_utils as mu
+
+    from hf_reshape.integration import check_mask_function
+
+    for accepted in (mu.causal_mask_function, mu.bidirectional_mask_function,
+                     mu.sliding_window_causal_mask_function(3), mu.sliding_window_bidirectional_mask_function(2)):
+        check_mask_function(accepted, 2, 10, 10)
+    check_mask_function(mu.sliding_window_causal_mask_function(3), 2, 1, 3, q_offset=7, kv_offset=5)  # a decode step
+    chunked = mu.chunked_causal_mask_function(3, torch.zeros(2, dtype=torch.long))  # Llama 4's chunked attention
+    with pytest.raises(hf_reshape.UnsupportedModelError, match="chunked attention"):
+        check_mask_function(chunked, 2, 10, 10)
+    check_mask_function(mu.chunked_causal_mask_function(30, torch.zeros(2, dtype=torch.long)), 2, 10, 10)  # no effect
+
+
+def test_a_model_with_attention_outside_the_interface_is_refused_naming_it():
+    """GIT's text layers compute attention themselves from the mask transformers builds for the model's attention
+    implementation: under hf_reshape's they would get a 2D key-padding mask and lose causality."""
+    torch.manual_seed(0)
+    model = tf.GitModel(tf.GitConfig(vision_config=dict(VISION, image_size=16), **TEXT))
+    with pytest.raises(hf_reshape.UnsupportedModelError, match=r"GitSelfAttention.*outside transformers' attention"):
+        hf_reshape.reshape(model, "sliding_window", window=4)
+    assert model.config._attn_implementation != hf_reshape.ATTN_IMPLEMENTATION
+
+
+def test_a_decoder_whose_causality_is_only_in_its_mask_runs_causal():
+    """NLLB-MoE builds its decoder self-attention without `is_causal=True` (its mask carries causality): discovery
+    tells it apart (an override row), and hf_reshape's attention function runs it causal."""
+    torch.manual_seed(0)
+    model = tf.NllbMoeModel(tf.NllbMoeConfig(**SEQ2SEQ, num_experts=2, expert_capacity=4, max_position_embeddings=64))
+    model = model.double().eval()
+    decoder = [f for f in layer_facts(model) if ".decoder." in f"." + f.name]
+    assert decoder and all(f.causal for f in decoder) and not any(f.module.is_causal for f in decoder)
+    ids = _inputs("llama")["input_ids"]
+    inputs = {"input_ids": ids, "decoder_input_ids": ids[:, :6]}
+    with torch.no_grad():
+        expected = model(**inputs).last_hidden_state
+        hf_reshape.reshape(model, "sliding_window", window=SEQ)
+        torch.testing.assert_close(model(**inputs).last_hidden_state, expected, atol=1e-9, rtol=1e-7)
+
+
+def test_the_walk_over_model_types_reports_pass_and_refusal_reasons():
+    """Smoke test of `python -m hf_reshape.bench.walk` (the full walk is not part of the suite)."""
+    from hf_reshape.bench.walk import interface_model_types, walk_one
+
+    types = interface_model_types()
+    assert {"llama", "bert", "t5", "clip", "whisper"} <= set(types) and "deberta-v2" not in types
+    rows = {t: walk_one(t) for t in ("llama", "distilbert", "t5")}
+    assert rows["llama"]["outcome"] == rows["distilbert"]["outcome"] == "pass"
+    assert rows["t5"]["outcome"] == "refused" and "`position_bias`" in rows["t5"]["reason"]

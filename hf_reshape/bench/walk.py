@@ -146,6 +146,10 @@ def _input(name: str, config, g) -> torch.Tensor:
         return torch.randn(2, _side(config, "num_mel_bins", 80), frames, generator=g)
     if name == "input_values":
         return torch.randn(2, 4000, generator=g)
+    if name == "inputs_embeds":
+        text = getattr(config, "text_config", None) or config
+        width = next((getattr(text, n) for n in _HIDDEN if isinstance(getattr(text, n, None), int)), HIDDEN)
+        return torch.randn(2, SEQ, width, generator=g)
     vocab = _side(getattr(config, "text_config", None) or config, "vocab_size", 100)
     length = 5 if name == "decoder_input_ids" else SEQ
     return torch.randint(3, max(4, min(vocab, 1000)), (2, length), generator=g)
@@ -159,12 +163,16 @@ def input_candidates(model) -> list[dict]:
     config = model.config
     accepted = set(inspect.signature(model.forward).parameters)
     main = getattr(model, "main_input_name", "input_ids")
-    sets = [[main], [main, "decoder_input_ids"], ["input_ids", "pixel_values"], ["input_ids", "decoder_input_ids"]]
+    sets = [[main], [main, "decoder_input_ids"], ["input_ids", "pixel_values"], ["input_ids", "decoder_input_ids"],
+            ["inputs_embeds"]]
     out = []
     for names in sets:
         if all(n in accepted for n in names):
             g = torch.Generator().manual_seed(1)
-            out.append({n: _input(n, config, g) for n in names})
+            inputs = {n: _input(n, config, g) for n in names}
+            if "use_cache" in accepted:  # no cache: hybrid models' caches are not what the walk checks
+                inputs["use_cache"] = False
+            out.append(inputs)
     return out
 
 
