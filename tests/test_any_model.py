@@ -435,3 +435,13 @@ def test_the_walk_over_model_types_reports_pass_and_refusal_reasons():
     rows = {t: walk_one(t) for t in ("llama", "distilbert", "t5")}
     assert rows["llama"]["outcome"] == rows["distilbert"]["outcome"] == "pass"
     assert rows["t5"]["outcome"] == "refused" and "`position_bias`" in rows["t5"]["reason"]
+
+
+def test_keys_and_values_grouped_differently_are_each_repeated():
+    """A few models group the keys only (Nemotron's audio encoders: 2 key heads, 4 value heads for 4 query heads)."""
+    module = torch.nn.Module()
+    module.is_causal = False
+    q, k, v = torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 4, 5, 8)
+    out, _ = hf_reshape_attention_forward(module, q, k, v, None, scaling=0.3)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v, scale=0.3)
+    torch.testing.assert_close(out.transpose(1, 2), expected)
