@@ -12,6 +12,7 @@ from . import functional, observe, variants  # noqa: F401  (importing variants r
 from .attention_transfer import NothingToTransferError, attention_parameters, transfer
 from .cache import ReshapeCache
 from .config import ReshapeConfig
+from .fidelity import FidelityResult, fidelity  # `hf_reshape.fidelity` is the function; its module: sys.modules
 from .errors import (
     InvalidParameterError,
     NotCausalError,
@@ -31,6 +32,7 @@ __all__ = [
     "NotCausalError",
     "NothingToTransferError",
     "FeatureMap",
+    "FidelityResult",
     "ReshapeCache",
     "ReshapeConfig",
     "ReshapeError",
@@ -41,6 +43,7 @@ __all__ = [
     "VariantSpec",
     "attention_parameters",
     "extend_positions",
+    "fidelity",
     "from_pretrained",
     "functional",
     "get_reshape_config",

@@ -262,9 +262,10 @@ def transfer(
     if cfg is None:
         raise NothingToTransferError("the model is not reshaped: call hf_reshape.reshape(model, ...) first")
     if not params:
+        what = (f"variant {cfg.method!r} has" if not cfg.is_hybrid
+                else f"none of the hybrid's variants {[p.method for p in cfg.parts]} has")
         raise NothingToTransferError(
-            f"variant {cfg.method!r} has no parameters of its own: attention transfer has nothing to train "
-            "(fine-tune the model instead)"
+            f"{what} no parameters of its own: attention transfer has nothing to train (fine-tune the model instead)"
         )
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"`steps` must be an integer >= 1, got {steps!r}")

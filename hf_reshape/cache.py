@@ -91,6 +91,8 @@ class LinearRecurrentLayer(_ReshapeLayerMixin, CacheLayerMixin):
             The transformers attention module whose ``hf_reshape`` holder runs the attention (held weakly).
     """
 
+    takes_kv_heads = True  # the attention function hands `attend` the key/value heads as the model made them
+
     def __init__(self, attention_module: nn.Module):
         super().__init__()
         self._module = weakref.ref(attention_module)
@@ -148,7 +150,11 @@ class LinearRecurrentLayer(_ReshapeLayerMixin, CacheLayerMixin):
         """Causal linear attention of the new queries over the state plus the new keys, then fold the new keys in.
 
         Args:
-            query, key (`torch.Tensor` of shape `[B, H, T, D]`), value (`[B, H, T, D_v]`): the new tokens only.
+            query (`torch.Tensor` of shape `[B, H, T, D]`), key (`[B, H_kv, T, D]`), value (`[B, H_kv, T, D_v]`): the
+                new tokens only; ``H_kv`` key/value heads (``H`` divisible by it: grouped-query attention). A feature
+                map without per-layer state is the same function for every head, so the sums are kept per
+                key/value head (``H / H_kv`` times less state and update work); per-head maps keep them per query
+                head.
             mask (`torch.Tensor` of shape `[B, T]`, *optional*): key-padding mask of the new tokens (True = real).
             params (`VariantParams`): the layer's variant parameters (with `eps` and `chunk_size`).
             scaling (`float`, *optional*): the model's softmax scale (`1 / sqrt(D)` if not given), for the feature
@@ -165,29 +171,41 @@ class LinearRecurrentLayer(_ReshapeLayerMixin, CacheLayerMixin):
         state = {name: getattr(holder, name) for name in holder.state_names}
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
         offset = self.seen - key.shape[-2]  # absolute position of the first new token
+        groups = query.shape[1] // key.shape[1]  # query heads per key/value head (grouped-query attention)
+        if groups > 1 and (state or value.shape[1] != key.shape[1]):
+            # per-head feature maps (hedgehog, t2r, performer's projections): each query head's sums differ
+            heads = query.shape[1]
+            key = key.repeat_interleave(heads // key.shape[1], 1)
+            value = value.repeat_interleave(heads // value.shape[1], 1)
+            groups = 1
         fq, fk = get_variant(self.method).features(
             query, key, params=params, scaling=scaling, q_offset=offset, k_offset=offset, **state
         )
         v = value
         if self.state is None:
-            self._allocate(fk, value)
+            self._allocate(fk, value)  # per key/value head when the map is the same for every head
         dtype = self.state.dtype
         fq, fk, v = fq.to(dtype), fk.to(dtype), v.to(dtype)
         if mask is not None:
             # a padded key never enters the sums
             fk = fk * mask[:, None, :, None].to(dtype)
-        kv = torch.matmul(fk.transpose(-1, -2), v)  # [B, H, F, Dv]
+        kv = torch.matmul(fk.transpose(-1, -2), v)  # [B, H_kv, F, Dv]
         if fq.shape[-2] == 1:
             # one token: the recurrence itself (its own key is part of what it sees)
             self.state = self.state + kv
             self.norm = self.norm + fk[..., 0, :]
-            num = torch.matmul(fq, self.state)  # [B, H, 1, Dv]
-            den = torch.matmul(fq, self.norm.unsqueeze(-1))  # [B, H, 1, 1]
-            out = num / den.clamp_min(params.eps)
+            b, h = fq.shape[:2]
+            fqg = fq.reshape(b, h // groups, groups, fq.shape[-1])  # query head h reads key/value head h // groups
+            num = torch.matmul(fqg, self.state)  # [B, H_kv, groups, Dv]
+            den = torch.matmul(fqg, self.norm.unsqueeze(-1))  # [B, H_kv, groups, 1]
+            out = (num / den.clamp_min(params.eps)).reshape(b, h, 1, -1)
         else:
-            # prefill (or several tokens at once): the chunked causal kernel, started from the state
+            # prefill (or several tokens at once): the chunked causal kernel, started from the state (repeated per
+            # query head for the kernel only)
             out = causal_linear_chunked(
-                fq, fk, v, eps=params.eps, chunk_size=params.chunk_size, state=self.state, norm=self.norm
+                fq, fk.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), eps=params.eps,
+                chunk_size=params.chunk_size, state=self.state.repeat_interleave(groups, 1),
+                norm=self.norm.repeat_interleave(groups, 1),
             )
             self.state = self.state + kv
             self.norm = self.norm + fk.sum(-2)
@@ -301,6 +319,8 @@ class SinkWindowLayer(_ReshapeLayerMixin, CacheLayerMixin):
     def __init__(self, attention_module: nn.Module):
         super().__init__()
         self._module = weakref.ref(attention_module)
+        holder = getattr(attention_module, STATE_ATTR, None)
+        self.method = holder.method if isinstance(holder, ReshapedAttention) else "sink_window"
         self.sink_keys = self.sink_values = self.sinks_filled = self.window_ok = None
         self.seen = 0
         self.pending = 0  # tokens counted by `update` that the attention function has not kept yet
@@ -316,9 +336,9 @@ class SinkWindowLayer(_ReshapeLayerMixin, CacheLayerMixin):
     def _holder(self) -> ReshapedAttention:
         module = self._module()
         holder = None if module is None else getattr(module, STATE_ATTR, None)
-        if not isinstance(holder, ReshapedAttention) or holder.method != "sink_window":
+        if not isinstance(holder, ReshapedAttention) or holder.method != self.method:
             raise RuntimeError(
-                "this ReshapeCache was built for a `sink_window` layer that is no longer there (the model was "
+                f"this ReshapeCache was built for a `{self.method}` layer that is no longer there (the model was "
                 "reshaped again or unreshaped): start generation with a fresh cache"
             )
         if getattr(getattr(module, "config", None), "_attn_implementation", ATTN_IMPLEMENTATION) != ATTN_IMPLEMENTATION:
@@ -468,7 +488,19 @@ class SinkWindowLayer(_ReshapeLayerMixin, CacheLayerMixin):
             setattr(self, name, getattr(self, name)[indices])
 
 
+# the named cache layers of ``VariantSpec.cache_layer`` (hf_reshape.registry.CACHE_LAYERS), built from the attention
+# module and its hf_reshape holder
+_LAYER_KINDS = {
+    "linear_state": lambda module, holder: LinearRecurrentLayer(module),
+    "window": lambda module, holder: SlidingWindowLayer(holder.params.window),
+    "sink_window": lambda module, holder: SinkWindowLayer(module),
+    "dynamic": lambda module, holder: DynamicLayer(),
+}
+
+
 def _layer_for(module: nn.Module | None) -> CacheLayerMixin:
+    """The cache layer of one self-attention module: what its variant's spec declares (``VariantSpec.cache_layer``)
+    for a causal reshaped layer, transformers' ``DynamicLayer`` for an exact or bidirectional one."""
     holder = None if module is None else getattr(module, STATE_ATTR, None)
     if not isinstance(holder, ReshapedAttention) or not getattr(module, "is_causal", False):
         return DynamicLayer()
@@ -476,13 +508,16 @@ def _layer_for(module: nn.Module | None) -> CacheLayerMixin:
         spec = get_variant(holder.method)
     except UnknownVariantError:  # unregistered since the reshape: its forward will say so
         return DynamicLayer()
-    if spec.features is not None:
-        return LinearRecurrentLayer(module)
-    if holder.method == "sink_window":
-        return SinkWindowLayer(module)
-    if holder.method == "sliding_window":
-        return SlidingWindowLayer(holder.params.window)
-    return DynamicLayer()
+    kind = spec.cache_layer
+    if callable(kind):
+        layer = kind(module)
+        if not isinstance(layer, CacheLayerMixin):
+            raise TypeError(
+                f"the cache_layer of variant {spec.name!r} returned {type(layer).__name__}, not a transformers "
+                "CacheLayerMixin"
+            )
+        return layer
+    return _LAYER_KINDS[kind](module, holder)
 
 
 def _attention_modules(model: nn.Module) -> dict[int, nn.Module]:
@@ -496,13 +531,15 @@ def _attention_modules(model: nn.Module) -> dict[int, nn.Module]:
 
 
 class ReshapeCache(Cache):
-    """A generation cache for a reshaped model: one layer per self-attention layer, chosen by its variant.
+    """A generation cache for a reshaped model: one layer per self-attention layer, the one its variant's spec
+    declares (``VariantSpec.cache_layer``) for a causal layer:
 
-    * causal ``linear`` and the other linearized variants (those whose spec declares ``features``):
-      :class:`LinearRecurrentLayer`, a constant-size running state;
-    * causal ``sliding_window``: :class:`SlidingWindowLayer`, the last ``window`` keys and values;
-    * causal ``sink_window``: :class:`SinkWindowLayer`, the first ``num_sink`` real tokens and the last ``window``;
-    * any other variant, or a layer left exact: transformers' ``DynamicLayer``.
+    * ``"linear_state"`` (the default of every variant whose spec declares ``features``: ``linear`` and the other
+      linearized variants): :class:`LinearRecurrentLayer`, a constant-size running state;
+    * ``"window"`` (``sliding_window``): :class:`SlidingWindowLayer`, the last ``window`` keys and values;
+    * ``"sink_window"``: :class:`SinkWindowLayer`, the first ``num_sink`` real tokens and the last ``window``;
+    * a callable: the layer it builds;
+    * ``"dynamic"`` (any other variant), or a layer left exact: transformers' ``DynamicLayer``.
 
     ``model.generate(...)`` on a reshaped model builds one by itself; build one by hand to drive forwards:
 
@@ -522,8 +559,9 @@ class ReshapeCache(Cache):
 
     @staticmethod
     def applies_to(model: nn.Module) -> bool:
-        """Whether `model` has a layer that a `ReshapeCache` keeps bounded (causal linearized or `sliding_window`)."""
-        return any(isinstance(_layer_for(m), _ReshapeLayerMixin) for m in _attention_modules(model).values())
+        """Whether `model` has a layer whose variant declares a cache layer other than transformers' `DynamicLayer`
+        (a bounded one: causal linearized, `sliding_window`, `sink_window`, or a variant's own)."""
+        return any(type(_layer_for(m)) is not DynamicLayer for m in _attention_modules(model).values())
 
     def nbytes(self) -> int:
         """Bytes held by the cache's tensors (keys, values, recurrent states)."""

@@ -32,6 +32,9 @@ COMMANDS: tuple[Command, ...] = (
             "the accuracy/speed/memory trade-off against softmax: the main job"),
     Command("card", "hf_reshape.recipes.cli:card_main",
             "rebuild the model cards of a recipe run's converted models from its results.json"),
+    Command("diagnose", "hf_reshape.fidelity:main",
+            "per-layer, per-head fidelity of each variant to exact softmax attention on a model's real inputs "
+            "(output cosine, relative error, KL); writes JSON, a markdown table and heat maps"),
     Command("variants", "hf_reshape.cli:variants_main",
             "list the registered variants: family, forms, complexity and each parameter with its default"),
 )

@@ -3,20 +3,22 @@ from a folder or a Hub repo id (after PEFT's ``PeftConfig``)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
 from dataclasses import replace
 from typing import Any
 
-from .errors import InvalidParameterError
-from .registry import VariantParams, field_defaults, get_variant, make_params
+from .errors import InvalidParameterError, ReshapeError
+from .registry import HYBRID, VariantParams, field_defaults, get_variant, make_params  # HYBRID: a hybrid's `method`
 
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "reshape_config.json"
 MODEL_CONFIG_KEY = "hf_reshape"  # key of the record inside a model's config.json
 _META_KEYS = ("method", "layers", "hf_reshape_version", "positions")  # "positions": hf_reshape.positions
+_HYBRID_KEYS = ("method", "parts", "hf_reshape_version", "positions")  # the keys of a hybrid's record
 
 
 def _version() -> str:
@@ -38,6 +40,10 @@ class ReshapeConfig:
             `reshape` time (`proj_len` to the model's positions; the model's record holds the value used). A value
             you give is never changed: if it does not fit, it is an error.
 
+    Per-layer hybrids: `ReshapeConfig.hybrid(parts)` (or `ReshapeConfig("hybrid", parts=[...])`) gives each part
+    its own variant, parameters and layers; layers no part names keep exact attention, and at most one part may
+    leave `layers` out (it takes every layer the other parts do not name). See :meth:`hybrid`.
+
     Example:
 
     ```python
@@ -48,6 +54,9 @@ class ReshapeConfig:
     """
 
     def __init__(self, method: str, layers: list[int] | None = None, **params: Any):
+        if method == HYBRID:
+            self._init_hybrid(layers, params)
+            return
         spec = get_variant(method)
         layers = _check_layers(layers)
         fitted = spec.fit_defaults(field_defaults(spec.params_cls), params, None) if spec.fit_defaults else {}
@@ -57,6 +66,73 @@ class ReshapeConfig:
         # parameters the user did not give: reshape may adapt them to the model (VariantSpec.fit_defaults)
         self._defaulted = frozenset(spec.params_cls.field_names()) - set(params)
 
+    # ---- per-layer hybrids -----------------------------------------------------------------------------------
+    @classmethod
+    def hybrid(cls, parts) -> "ReshapeConfig":
+        """A per-layer hybrid: each part is one variant on its own layers; layers that no part names keep exact
+        softmax attention.
+
+        Args:
+            parts: a list of single-variant `ReshapeConfig`s (or of dicts `{"method": name, "layers": [...],
+                **params}`), or a mapping `{variant name: {"layers": [...], **params}}` (a variant once each; use
+                the list to give one variant two parameter sets). At most one part may leave `layers` out: it takes
+                every self-attention layer the other parts do not name (resolved against the model by `reshape`).
+
+        Raises:
+            `InvalidParameterError` (no part, a part that is not a config/dict, parts sharing a layer, two parts
+            without `layers`, a nested hybrid, a part's invalid parameter or layers), `UnknownVariantError` (a part's
+            variant); each message names the part.
+
+        Example:
+
+        ```python
+        >>> cfg = ReshapeConfig.hybrid(
+        ...     {"sliding_window": {"window": 64, "layers": [0, 5]}, "hedgehog": {"layers": [1, 2, 3, 4]}}
+        ... )
+        >>> [(p.method, p.layers) for p in cfg.parts]
+        [('sliding_window', [0, 5]), ('hedgehog', [1, 2, 3, 4])]
+        ```
+        """
+        return cls(HYBRID, parts=parts)
+
+    def _init_hybrid(self, layers, params: dict[str, Any]) -> None:
+        accepted = "a hybrid takes `parts` only, e.g. ReshapeConfig.hybrid([ReshapeConfig('hedgehog', layers=[1]), " \
+                   "ReshapeConfig('sliding_window', window=64, layers=[0])])"
+        if layers is not None:
+            raise InvalidParameterError(
+                f"{accepted}: give `layers` inside each part, not to the hybrid; got layers={_short(layers)}"
+            )
+        unknown = sorted(set(params) - {"parts"})
+        if unknown:
+            raise InvalidParameterError(f"unknown parameter(s) {unknown} for a hybrid; {accepted}")
+        parts = params.get("parts")
+        if isinstance(parts, dict):
+            parts = [_mapping_part(name, value) for name, value in parts.items()]
+        if isinstance(parts, (str, bytes)) or not isinstance(parts, (list, tuple)) or not parts:
+            raise InvalidParameterError(
+                f"a hybrid's `parts` must be a non-empty list of ReshapeConfigs (or of dicts {{'method': name, "
+                f"'layers': [...], **params}}), or a mapping {{variant: {{'layers': [...], **params}}}}; "
+                f"got {_short(parts)}"
+            )
+        built = [_hybrid_part(i, part) for i, part in enumerate(parts)]
+        _check_disjoint(built)
+        self.method = HYBRID
+        self._parts = tuple(built)
+        explicit = [p for p in built if p.layers is not None]
+        self.layers = None if len(explicit) < len(built) else sorted(i for p in explicit for i in p.layers)
+        self.params = None
+        self._defaulted = frozenset()
+
+    @property
+    def is_hybrid(self) -> bool:
+        """Whether this config assigns several variants per layer (`method == "hybrid"`)."""
+        return self.__dict__.get("method") == HYBRID
+
+    @property
+    def parts(self) -> tuple["ReshapeConfig", ...]:
+        """The single-variant configs that make this one: a hybrid's parts, or `(self,)`."""
+        return self.__dict__["_parts"] if self.is_hybrid else (self,)
+
     @property
     def defaulted(self) -> frozenset[str]:
         """Names of the parameters left at their default (not given by the user); `reshape` adapts those that do
@@ -65,6 +141,8 @@ class ReshapeConfig:
 
     @property
     def spec(self):
+        if self.is_hybrid:
+            raise InvalidParameterError("a hybrid config has one variant per part: use `cfg.parts[i].spec`")
         return get_variant(self.method)
 
     def __getattr__(self, name: str):
@@ -78,17 +156,24 @@ class ReshapeConfig:
         return isinstance(other, ReshapeConfig) and self.to_dict() == other.to_dict()
 
     def __repr__(self) -> str:
+        if self.is_hybrid:
+            return f"ReshapeConfig.hybrid([{', '.join(map(repr, self.parts))}])"
         args = ", ".join(f"{k}={v!r}" for k, v in self.params.to_dict().items())
         layers = "" if self.layers is None else f", layers={self.layers}"
         return f"ReshapeConfig(method={self.method!r}{layers}, {args})"
 
     def with_params(self, params: VariantParams) -> "ReshapeConfig":
+        if self.is_hybrid:
+            raise InvalidParameterError("a hybrid config has one variant per part: call `with_params` on a part")
         new = ReshapeConfig(self.method, layers=self.layers)
         new.params = replace(params)
         new._defaulted = self.defaulted
         return new
 
     def to_dict(self) -> dict[str, Any]:
+        if self.is_hybrid:  # {"method": "hybrid", "parts": [{"method": ..., "layers": ..., **params}, ...], version}
+            parts = [{k: v for k, v in p.to_dict().items() if k != "hf_reshape_version"} for p in self.parts]
+            return {"method": HYBRID, "parts": parts, "hf_reshape_version": _version()}
         return {"method": self.method, "layers": self.layers, **self.params.to_dict(), "hf_reshape_version": _version()}
 
     @classmethod
@@ -110,6 +195,8 @@ class ReshapeConfig:
         if "method" not in data:
             raise InvalidParameterError(f"a reshape record needs a `method`; got keys {sorted(map(str, data))}")
         method = data["method"]
+        if method == HYBRID:
+            return cls._hybrid_from_dict(data)
         spec = get_variant(method)
         accepted = spec.params_cls.field_names()
         unknown = sorted(set(data) - set(accepted) - set(_META_KEYS))
@@ -133,6 +220,38 @@ class ReshapeConfig:
                 f"{ {name: defaults.get(name) for name in missing} })"
             )
         return cls(method, layers=data.get("layers"), **{name: data[name] for name in accepted})
+
+    @classmethod
+    def _hybrid_from_dict(cls, data: dict[str, Any]) -> "ReshapeConfig":
+        """A hybrid's record: `parts` is a list of single-variant records (each as strict as `from_dict` is with a
+        single one: every parameter listed, none unknown), and the record's other keys are its metadata."""
+        written_by = data.get("hf_reshape_version")
+        unknown = sorted(set(map(str, data)) - set(_HYBRID_KEYS))
+        if unknown:
+            if not _is_newer(written_by):
+                raise InvalidParameterError(
+                    f"unknown key(s) {unknown} in a hybrid reshape record; accepted: {list(_HYBRID_KEYS)}"
+                )
+            logger.warning("the hybrid reshape record was written by hf_reshape %s (this is %s): ignoring the key(s) "
+                           "%s this version does not know", written_by, _version(), unknown)
+        records = data.get("parts")
+        if not isinstance(records, list) or not records:
+            raise InvalidParameterError(f"a hybrid reshape record needs `parts`, a non-empty list of single-variant "
+                                        f"records; got {_short(records)}")
+        parts = []
+        for i, record in enumerate(records):
+            where = f"hybrid part {i}" + (f" ({record.get('method')!r})" if isinstance(record, dict) else "")
+            if isinstance(record, dict):
+                extra = sorted({"positions", "parts", "hf_reshape_version"} & set(record))
+                if extra or record.get("method") == HYBRID:
+                    raise InvalidParameterError(f"{where}: a part is one variant's record ({{'method': ..., 'layers': "
+                                                f"..., **params}}); it cannot hold {extra or ['a nested hybrid']}")
+                record = {**record, "hf_reshape_version": written_by}  # the part is as new as its record
+            try:
+                parts.append(cls.from_dict(record))
+            except ReshapeError as err:
+                raise type(err)(f"{where}: {err}") from None
+        return cls(HYBRID, parts=parts)
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> str:
         """Write `reshape_config.json` into `save_directory` (created if needed); returns the file path."""
@@ -233,6 +352,61 @@ def _looks_like_repo_id(name: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _mapping_part(name, value) -> dict[str, Any]:
+    """`{variant: {"layers": [...], **params}}`'s entry as a part dict."""
+    if value is None:
+        value = {}
+    if not isinstance(value, dict) or "method" in value:
+        raise InvalidParameterError(
+            f"in a hybrid mapping {{variant: {{'layers': [...], **params}}}}, the value of {name!r} must be a dict of "
+            f"its parameters (and `layers`), without `method`; got {_short(value)}"
+        )
+    return {"method": name, **value}
+
+
+def _hybrid_part(index: int, part) -> ReshapeConfig:
+    """A hybrid's part as a single-variant config of its own (a copy of a given one); errors name the part."""
+    if isinstance(part, ReshapeConfig):
+        if part.is_hybrid:
+            raise InvalidParameterError(f"hybrid part {index} is itself a hybrid: give its parts in the outer list")
+        own = copy.copy(part)  # the hybrid keeps its own parts: the caller's config may change afterwards
+        own.layers = None if part.layers is None else list(part.layers)
+        return own
+    if not isinstance(part, dict) or "method" not in part:
+        raise InvalidParameterError(
+            f"hybrid part {index} must be a ReshapeConfig or a dict {{'method': name, 'layers': [...], **params}}; "
+            f"got {_short(part)}"
+        )
+    params = dict(part)
+    method, layers = params.pop("method"), params.pop("layers", None)
+    if method == HYBRID:
+        raise InvalidParameterError(f"hybrid part {index} is itself a hybrid: give its parts in the outer list")
+    try:
+        return ReshapeConfig(method, layers=layers, **params)
+    except ReshapeError as err:
+        raise type(err)(f"hybrid part {index} ({method!r}): {err}") from None
+
+
+def _check_disjoint(parts: list[ReshapeConfig]) -> None:
+    """Refuse parts that share a layer, or more than one part without `layers` (each would take the rest)."""
+    owner: dict[int, int] = {}
+    for i, part in enumerate(parts):
+        for layer in sorted(set(part.layers or ())):
+            if layer in owner:
+                j = owner[layer]
+                raise InvalidParameterError(
+                    f"hybrid parts {j} ({parts[j].method!r}) and {i} ({part.method!r}) both name layer {layer}: each "
+                    "layer takes one variant (parts' `layers` must not overlap)"
+                )
+            owner[layer] = i
+    rest = [i for i, p in enumerate(parts) if p.layers is None]
+    if len(rest) > 1:
+        raise InvalidParameterError(
+            f"hybrid parts {rest} all leave `layers` out; at most one may (it takes every layer the others do not "
+            "name): give the others their `layers`"
+        )
 
 
 def _check_layers(layers) -> list[int] | None:

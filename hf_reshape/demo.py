@@ -14,19 +14,19 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .registry import list_variants
+from .registry import get_variant, list_variants
 
 logger = logging.getLogger(__name__)
 
-# Parameters that make each variant approximate at SST-2 lengths (~10-50 tokens) and at 512 tokens.
-DEMO_PARAMS = {
-    "topk": {"top_k": 8},
-    "sliding_window": {"window": 8},
-    "linformer": {"proj_len": 16},
-    "nystrom": {"num_landmarks": 8},
-    "svd": {"rank": 8},
-    "linear": {"feature_map": "elu"},
-}
+# Each variant's demo parameters (approximate, not exact, at SST-2 lengths of ~10-50 tokens and at 512 tokens) are
+# declared on its registration: ``VariantSpec.demo_params``.
+
+
+def demo_params(name: str) -> dict:
+    """The parameters ``hf-reshape demo`` runs variant ``name`` with (its spec's ``demo_params``)."""
+    return dict(get_variant(name).demo_params)
+
+
 FALLBACK_SENTENCES = [
     "it 's a charming and often affecting journey .",
     "unflinchingly bleak and desperate",
@@ -120,7 +120,7 @@ def run(model_path: str | None = None, n: int = 64, packed_length: int = 512, pa
     results = {"model": name, "sentences": source, "n": len(sentences),
                "mean_tokens": float(short["attention_mask"].sum(1).float().mean()), "packed_length": packed_length,
                "packed_batch": packed_batch, "threads": torch.get_num_threads(), "rows": []}
-    configs = [("softmax (sdpa)", None, {})] + [(v, v, DEMO_PARAMS.get(v, {})) for v in names]
+    configs = [("softmax (sdpa)", None, {})] + [(v, v, demo_params(v)) for v in names]
     timings = {label: {"short": [], "long": []} for label, _, _ in configs}
     fidelity = {}
     bar = tqdm(configs, desc="demo fidelity")

@@ -133,10 +133,12 @@ def reference(query, key, value, method, *, attention_mask=None, is_causal=False
     return spec.reference(query, key, value, **call)
 
 
-def init_state(method: str, *, num_heads: int, head_dim: int, **params: Any) -> dict[str, torch.Tensor]:
-    """Fresh per-layer state of a stateful variant (e.g. Linformer's projections); `{}` for stateless ones."""
+def init_state(method: str, *, num_heads: int, head_dim: int, layer_index: int = 0,
+               **params: Any) -> dict[str, torch.Tensor]:
+    """Fresh per-layer state of a stateful variant (e.g. Linformer's projections); `{}` for stateless ones.
+    `layer_index`: the layer's index in a model (random state such as Performer's projection differs per layer)."""
     spec = get_variant(method)
     p = make_params(spec, params)
     if spec.init_state is None:
         return {}
-    return spec.init_state(p, num_heads=num_heads, head_dim=head_dim)
+    return spec.init_state(p, num_heads=num_heads, head_dim=head_dim, layer_index=layer_index)

@@ -33,7 +33,7 @@ from transformers.masking_utils import AttentionMaskInterface
 from transformers.utils import logging as hf_logging
 
 from . import observe
-from .architectures import EXACT_ONLY_ARGUMENTS, NEUTRAL_ARGUMENTS, WINDOW_ARGUMENT
+from .architectures import EXACT_ONLY_ARGUMENTS, NEUTRAL_ARGUMENTS, WINDOW_ARGUMENT, uses_attention_interface
 from .attention_weights import softmax_weights
 from .config import MODEL_CONFIG_KEY
 from .errors import AttentionImplementationError, UnsupportedModelError
@@ -296,6 +296,7 @@ def hf_reshape_attention_forward(
     arguments = call_arguments(module, kwargs)
     causal, window = bool(arguments["is_causal"]), arguments[WINDOW_ARGUMENT]
     recurrent = handed_over(key) if holder is not None else None
+    kv_heads = key, value  # as the model hands them over: a recurrent cache layer keeps its sums per key/value head
     if key.shape[1] != query.shape[1] or value.shape[1] != query.shape[1]:
         # grouped-query / multi-query attention: transformers hands over the key/value heads as they are (each
         # counted on its own: a few models group the keys only)
@@ -311,7 +312,9 @@ def hf_reshape_attention_forward(
             params = compose_window(holder.method, holder.params, window)
     if recurrent is not None:
         # generation with a ReshapeCache: attend over the running state, then fold the new keys into it
-        out = recurrent.attend(query, key, value, attention_mask, holder.params, scaling=scaling)
+        grouped = getattr(recurrent, "takes_kv_heads", False)
+        out = recurrent.attend(query, *(kv_heads if grouped else (key, value)), attention_mask, holder.params,
+                               scaling=scaling)
     elif holder is not None:
         out = holder(query, key, value, attention_mask, causal, scaling, dropout, params=params)
     else:
@@ -381,6 +384,54 @@ def attention_weights(holder, query, key, value, mask, causal, scaling, recurren
         return None
     state = {name: getattr(holder, name) for name in holder.state_names}
     return spec.weights(query, key, value, mask=mask, causal=causal, scaling=scaling, params=holder.params, **state)
+
+
+# ---------- configs that `set_attn_implementation` does not reach ----------
+
+
+def sync_attention_configs(model: nn.Module, implementation: str, only_from: str | None = None) -> int:
+    """Set ``implementation`` on the config of every module of ``model`` that calls the attention interface, where
+    ``model.set_attn_implementation`` left it otherwise (only where it is ``only_from``, when given). Returns how many
+    configs changed.
+
+    An ``EncoderDecoderModel`` (transformers/models/encoder_decoder/modeling_encoder_decoder.py) re-points its
+    encoder's and decoder's ``config`` at its own sub-configs, while their attention modules keep the config object
+    the towers were built with; ``set_attn_implementation`` walks models and sub-configs, never those, so the
+    attention would keep reading ``"sdpa"`` (and get the 2D masks of hf_reshape's mask function)."""
+    from transformers import PretrainedConfig
+
+    changed = {}
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if not isinstance(config, PretrainedConfig) or id(config) in changed:
+            continue
+        if not uses_attention_interface(type(module)):
+            continue
+        current = config._attn_implementation
+        if current != implementation and (only_from is None or current == only_from):
+            config._attn_implementation_internal = implementation
+            changed[id(config)] = config
+    return len(changed)
+
+
+def is_peft_model(model) -> bool:
+    """Whether ``model`` is a PEFT ``PeftModel`` (peft/peft_model.py), told by class without importing peft."""
+    return any(k.__name__ == "PeftModel" and k.__module__.startswith("peft") for k in type(model).__mro__)
+
+
+def freeze_variant_state(model: nn.Module) -> int:
+    """Freeze the variant's own parameters in ``model`` (``requires_grad=False``), as PEFT freezes every weight of
+    the base model but its adapters: a variant installed inside a ``PeftModel`` then trains as it would had it been
+    installed before wrapping, and ``PeftModel.save_pretrained`` (adapters only) loses nothing that trained.
+    Returns how many parameters were frozen."""
+    frozen = 0
+    for module in model.modules():
+        if isinstance(module, ReshapedAttention):
+            for param in module.parameters():
+                if param.requires_grad:
+                    param.requires_grad_(False)
+                    frozen += 1
+    return frozen
 
 
 # ---------- guard: a reshaped module runs only through hf_reshape's attention function ----------

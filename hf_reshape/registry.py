@@ -8,6 +8,8 @@ parametrized straight from :func:`list_variants`. (Pattern after timm's ``@regis
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -17,7 +19,10 @@ import torch
 from .errors import InvalidParameterError, UnknownVariantError
 
 FAMILIES = ("sparse", "low_rank", "linear")
+# the named decode-cache layers a spec may declare (``VariantSpec.cache_layer``; built in hf_reshape.cache)
+CACHE_LAYERS = ("linear_state", "window", "sink_window", "dynamic")
 # names transformers treats specially when they appear in an attention implementation name
+HYBRID = "hybrid"  # the method name of a per-layer hybrid config (hf_reshape.config.ReshapeConfig.hybrid)
 _RESERVED = ("flash", "sdpa", "flex_attention", "eager", "paged")
 
 
@@ -71,7 +76,9 @@ class VariantSpec:
             returning ``[B, H, T_q, D_v]``.
         reference: materialised reference with the same signature minus ``dropout``/``training``.
         causal / bidirectional: which forms the variant supports.
-        init_state: ``init_state(params, *, num_heads, head_dim) -> dict[str, Tensor]`` for per-layer state;
+        init_state: ``init_state(params, *, num_heads, head_dim, layer_index) -> dict[str, Tensor]`` for per-layer
+            state (``layer_index``: the layer's index in the model, 0 outside a model, so random state can differ
+            per layer; an ``init_state`` without that keyword, nor ``**kwargs``, is called without it);
             ``nn.Parameter`` values are learned, plain tensors become (saved) buffers.
         state_names: the keyword tensors ``forward`` expects.
         degenerate: ``degenerate(T) -> dict`` of parameters under which the variant equals exact softmax at
@@ -102,6 +109,26 @@ class VariantSpec:
             queries at absolute positions ``q_offset + i`` and keys at ``k_offset + j``. With it, causal generation
             keeps an O(1) running state of ``F x D_v`` sums (:class:`hf_reshape.cache.LinearRecurrentLayer`)
             instead of every key and value.
+        cache_layer: the decode-cache layer a causal layer of this variant gets in ``model.generate`` (see
+            :class:`hf_reshape.cache.ReshapeCache`): ``"linear_state"`` (the O(1) running sums of
+            :class:`~hf_reshape.cache.LinearRecurrentLayer`; needs ``features``), ``"window"`` (the last
+            ``params.window`` keys, :class:`~hf_reshape.cache.SlidingWindowLayer`; needs a ``window`` parameter),
+            ``"sink_window"`` (sinks plus window, :class:`~hf_reshape.cache.SinkWindowLayer`), ``"dynamic"``
+            (transformers' ``DynamicLayer``: every key and value), or a callable ``cache_layer(attention_module) ->
+            CacheLayerMixin`` building the layer (the module's ``hf_reshape`` submodule holds the variant's
+            parameters and state). ``None`` (the default) means ``"linear_state"`` for a variant that declares
+            ``features`` and ``"dynamic"`` otherwise; :func:`register_variant` stores the resolved value.
+        flops: ``flops(*, t, head_dim, num_heads, batch, causal, params) -> float | None``: useful forward matmul
+            FLOPs of one fast-path call on ``[batch, num_heads, t, head_dim]`` inputs (multiply-add = 2 FLOPs;
+            causal: the allowed pairs only; ``params`` the validated :class:`VariantParams`, defaults filled), as
+            ``hf-reshape bench`` counts them (:mod:`hf_reshape.bench.op`). ``None``, or a ``None`` result: no
+            analytic count (the bench shows "n/a").
+        bench_params: parameters of ``hf-reshape bench`` at full size (``T`` in the thousands); ``{}``: the
+            defaults. A ``max_length`` parameter left unset is set to ``T`` by the bench.
+        quick_params: parameters of ``hf-reshape bench --quick`` and smoke runs (a few dozen tokens); ``None``:
+            ``small_params``.
+        demo_params: parameters of ``hf-reshape demo`` (a real BERT on sentences of ~10-50 tokens and on 512-token
+            rows), chosen so the variant approximates rather than equals softmax there; ``{}``: the defaults.
     """
 
     name: str
@@ -124,6 +151,15 @@ class VariantSpec:
     weights_over_keys: bool = True
     fit_defaults: Callable[..., dict] | None = None
     features: Callable[..., tuple] | None = None
+    cache_layer: str | Callable[..., Any] | None = None
+    flops: Callable[..., float | None] | None = None
+    bench_params: dict = field(default_factory=dict)
+    quick_params: dict | None = None
+    demo_params: dict = field(default_factory=dict)
+
+    def quick(self) -> dict:
+        """``quick_params``, else ``small_params``."""
+        return dict(self.small_params if self.quick_params is None else self.quick_params)
 
 
 def field_defaults(params_cls: type) -> dict[str, Any]:
@@ -178,6 +214,8 @@ def register_variant(spec: VariantSpec | None = None, /, **kwargs) -> VariantSpe
         raise ValueError(
             f"variant name {spec.name!r} must match [a-z][a-z0-9_]* and not contain any of {list(_RESERVED)}"
         )
+    if spec.name == HYBRID:
+        raise ValueError(f"variant name {HYBRID!r} is taken by per-layer hybrid configs (ReshapeConfig.hybrid)")
     if spec.name in _REGISTRY:
         raise ValueError(f"variant {spec.name!r} is already registered; registered variants: {list_variants()}")
     if spec.family not in FAMILIES:
@@ -186,8 +224,62 @@ def register_variant(spec: VariantSpec | None = None, /, **kwargs) -> VariantSpe
         raise ValueError("params_cls must be a subclass of hf_reshape.registry.VariantParams")
     if not (spec.causal or spec.bidirectional):
         raise ValueError("a variant must support the causal form, the bidirectional form, or both")
+    spec = _resolved(spec)
     _REGISTRY[spec.name] = spec
     return spec
+
+
+def _resolved(spec: VariantSpec) -> VariantSpec:
+    """Check the declarations the tools read, and fill the defaults that depend on other fields: the cache layer
+    (``"linear_state"`` for a variant with ``features``, else ``"dynamic"``) and an ``init_state`` that takes
+    ``layer_index``."""
+    layer = spec.cache_layer
+    if layer is None:
+        layer = "linear_state" if spec.features is not None else "dynamic"
+    if not callable(layer) and layer not in CACHE_LAYERS:
+        raise ValueError(
+            f"cache_layer must be one of {list(CACHE_LAYERS)}, a callable building a transformers CacheLayerMixin, "
+            f"or None; got {layer!r}"
+        )
+    if layer == "linear_state" and spec.features is None:
+        raise ValueError(
+            f"variant {spec.name!r} declares cache_layer='linear_state' but no `features` (the running sums are "
+            "sums of phi(k) v^T): declare `features`, or another cache_layer"
+        )
+    if layer == "window" and "window" not in spec.params_cls.field_names():
+        raise ValueError(f"variant {spec.name!r} declares cache_layer='window' but has no `window` parameter")
+    if spec.flops is not None and not callable(spec.flops):
+        raise ValueError(f"flops must be a callable or None, got {spec.flops!r}")
+    for name in ("bench_params", "quick_params", "demo_params", "small_params"):
+        value = getattr(spec, name)
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(f"{name} must be a dict of parameters, got {value!r}")
+        unknown = sorted(set(value or {}) - set(spec.params_cls.field_names()))
+        if unknown:
+            raise ValueError(
+                f"{name} of variant {spec.name!r} names unknown parameter(s) {unknown}; accepted: "
+                f"{spec.params_cls.field_names()}"
+            )
+    init_state = spec.init_state
+    if init_state is not None and not _takes_keyword(init_state, "layer_index"):
+        init_state = _without_layer_index(init_state)
+    return dataclasses.replace(spec, cache_layer=layer, init_state=init_state)
+
+
+def _takes_keyword(fn: Callable, name: str) -> bool:
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: assume it takes what it is given
+        return True
+    return any(p.kind is p.VAR_KEYWORD or (p.name == name and p.kind is not p.POSITIONAL_ONLY) for p in parameters)
+
+
+def _without_layer_index(init_state: Callable) -> Callable:
+    @functools.wraps(init_state)
+    def call(params, *, layer_index: int = 0, **kwargs):
+        return init_state(params, **kwargs)
+
+    return call
 
 
 def unregister_variant(name: str) -> None:

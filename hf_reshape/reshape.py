@@ -34,7 +34,10 @@ from .integration import (
     compose_window,
     install_guard,
     remove_guard,
+    freeze_variant_state,
+    is_peft_model,
     reshaping_after_load,
+    sync_attention_configs,
 )
 from .registry import field_defaults, make_params
 
@@ -43,13 +46,16 @@ _HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "force_down
 
 
 def _as_config(method_or_config, layers, params) -> ReshapeConfig:
-    if isinstance(method_or_config, (ReshapeConfig, dict)):
+    if isinstance(method_or_config, (ReshapeConfig, dict, list, tuple)):
         if params or layers is not None:
             raise InvalidParameterError(
-                "pass either a ReshapeConfig (or its dict) or a method name with parameters, not both"
+                "pass either a ReshapeConfig (or its dict, or a hybrid's parts) or a method name with parameters, "
+                "not both"
             )
-        if isinstance(method_or_config, dict):
-            return ReshapeConfig.from_dict(method_or_config)
+        if isinstance(method_or_config, dict) and "method" in method_or_config:
+            return ReshapeConfig.from_dict(method_or_config)  # a record (`to_dict`, a model's `config.hf_reshape`)
+        if isinstance(method_or_config, (dict, list, tuple)):  # a hybrid's parts: {variant: {...}} or [part, ...]
+            return ReshapeConfig.hybrid(method_or_config)
         return method_or_config
     return ReshapeConfig(method_or_config, layers=layers, **params)
 
@@ -114,7 +120,10 @@ def reshape(
             wrapper holding one (a `SentenceTransformer`: its transformers model is reshaped, and
             `SentenceTransformer.save` keeps the variant; reload with
             `hf_reshape.from_pretrained(path, model_class=SentenceTransformer)`).
-        method_or_config: a variant name from `hf_reshape.list_variants()` or a `ReshapeConfig`.
+        method_or_config: a variant name from `hf_reshape.list_variants()` or a `ReshapeConfig`; or, for a
+            per-layer hybrid, `{variant: {"layers": [...], **params}, ...}` or a list of single-variant
+            `ReshapeConfig`s (see `ReshapeConfig.hybrid`): each part reshapes its layers, layers no part names keep
+            exact attention, and every part is checked on every layer before anything changes.
         layers (`list[int]`, *optional*): reshape only these layers; the others keep exact attention.
         max_positions (`int`, *optional*): extend a text model's learned absolute positions (BERT, GPT-2) to this
             many in the same call: the table grows by copying the trained rows (Longformer's initialisation), so
@@ -148,6 +157,8 @@ def reshape(
     target = _transformers_model(model)
     plan = _plan(target, cfg, max_positions=max_positions, image_size=image_size)
     _apply(target, plan)
+    if is_peft_model(model):  # PEFT trains adapters only: the variant's own parameters stay frozen, as base weights do
+        freeze_variant_state(target)
     return model
 
 
@@ -157,55 +168,109 @@ def _plan(model: nn.Module, cfg: ReshapeConfig, max_positions=None, image_size=N
     extension = positions.plan_extension(model, max_positions=max_positions, image_size=image_size)
     if extension is not None:  # variants sized by the model's positions see the extended model
         facts = dataclasses.replace(facts, max_positions=extension.positions)
-    spec = cfg.spec
     every = attention_modules(model)
     _check_known_arguments(model, every)
-    targets = [f for f in every if not f.cross]
-    available = sorted({f.index for f in targets})
-    if cfg.layers is not None:
-        bad = sorted(set(cfg.layers) - set(available))
-        if bad:
-            raise InvalidParameterError(f"layers {bad} do not exist; {type(model).__name__} has layers {available}")
-        targets = [f for f in targets if f.index in cfg.layers]
-    for layer in targets:
-        try:
-            check_form(spec, layer.causal)
-        except NotCausalError as err:
-            form = "causal" if layer.causal else "bidirectional"
-            raise NotCausalError(f"{type(model).__name__} ({layer.name}) runs {form} attention: {err}") from None
-        _check_layer_arguments(model, layer, cfg.method, available, [f for f in every if not f.cross])
+    self_attention = [f for f in every if not f.cross]
+    available = sorted({f.index for f in self_attention})
+    assigned = _assign_layers(model, cfg, self_attention, available)
+    for part, targets in assigned:  # every part is checked on every one of its layers before anything is built
+        spec = part.spec
+        for layer in targets:
+            try:
+                check_form(spec, layer.causal)
+            except NotCausalError as err:
+                form = "causal" if layer.causal else "bidirectional"
+                raise NotCausalError(
+                    f"{_part_name(cfg, part)}{type(model).__name__} ({layer.name}) runs {form} attention: {err}"
+                ) from None
+            _check_layer_arguments(model, layer, part.method, available, self_attention)
     can_switch = getattr(type(model), "_can_set_attn_implementation", None)
     if not callable(getattr(model, "set_attn_implementation", None)) or (can_switch is not None and not can_switch()):
         raise UnsupportedModelError(
             f"{type(model).__name__} cannot switch its attention implementation (transformers' "
             "`set_attn_implementation` and AttentionInterface), which hf_reshape relies on"
         )
-    if spec.fit_defaults is not None and cfg.defaulted:
-        given = {k: v for k, v in cfg.params.to_dict().items() if k not in cfg.defaulted}
+    fitted, holders = [], []
+    for part, targets in assigned:
+        part = _fit_to_model(part, facts)
+        fitted.append(part)
+        holders.extend(_build_holders(part, targets, facts))
+    if cfg.is_hybrid:  # the record keeps each part's `layers` as given (None: the rest) and the values used
+        cfg = ReshapeConfig.hybrid(fitted)
+    else:
+        cfg = fitted[0]
+    forms = [(f.module, f.causal) for f in every if not f.cross and f.causal != bool(getattr(f.module, "is_causal", False))]
+    return _Plan(cfg, holders, extension, forms)
+
+
+def _part_name(cfg: ReshapeConfig, part: ReshapeConfig) -> str:
+    """``"hybrid part 1 ('linear'): "`` for a hybrid's part, to start its error messages; empty otherwise."""
+    if not cfg.is_hybrid:
+        return ""
+    index = next(i for i, p in enumerate(cfg.parts) if p is part)
+    return f"hybrid part {index} ({part.method!r}): "
+
+
+def _assign_layers(model: nn.Module, cfg: ReshapeConfig, self_attention, available: list[int]):
+    """Each part of ``cfg`` (one for a single variant) with the self-attention modules it reshapes: its
+    ``layers``, or, left out, every layer the other parts do not name. Layers that do not exist, and a part
+    left with no layer, are refused."""
+    assigned = []
+    named = {i for part in cfg.parts for i in (part.layers or ())}
+    for part in cfg.parts:
+        if part.layers is not None:
+            bad = sorted(set(part.layers) - set(available))
+            if bad:
+                raise InvalidParameterError(
+                    f"{_part_name(cfg, part)}layers {bad} do not exist; {type(model).__name__} has layers {available}"
+                )
+            chosen = set(part.layers)
+        else:
+            chosen = set(available) - named
+            if not chosen and cfg.is_hybrid:
+                raise InvalidParameterError(
+                    f"{_part_name(cfg, part)}leaves `layers` out, so it takes the layers no other part names, but the "
+                    f"other parts name every layer of {type(model).__name__} ({available}): give it `layers` or drop it"
+                )
+        assigned.append((part, [f for f in self_attention if f.index in chosen]))
+    return assigned
+
+
+def _fit_to_model(part: ReshapeConfig, facts) -> ReshapeConfig:
+    """``part`` with the parameters it left at their default fitted to the model, and model-dependent ones filled
+    (``VariantSpec.fit_defaults`` and ``prepare_params``)."""
+    spec = part.spec
+    if spec.fit_defaults is not None and part.defaulted:
+        given = {k: v for k, v in part.params.to_dict().items() if k not in part.defaulted}
         fitted = spec.fit_defaults(field_defaults(spec.params_cls), given, facts)
         if fitted:
-            cfg = cfg.with_params(make_params(spec, {**cfg.params.to_dict(), **fitted}))
+            part = part.with_params(make_params(spec, {**part.params.to_dict(), **fitted}))
     if spec.prepare_params is not None:
-        cfg = cfg.with_params(spec.prepare_params(cfg.params, facts))
+        part = part.with_params(spec.prepare_params(part.params, facts))
+    return part
+
+
+def _build_holders(part: ReshapeConfig, targets, facts) -> list[tuple[nn.Module, ReshapedAttention]]:
+    """One :class:`ReshapedAttention` (the variant's parameters and per-layer state) for each module of ``targets``."""
+    spec = part.spec
     holders = []
     for layer in targets:
         module = layer.module
         state = {}
         if spec.init_state is not None:
             # sized by this layer's query heads: grouped key/value heads reach the variant repeated (integration)
-            state = spec.init_state(cfg.params, num_heads=layer.num_heads or facts.num_heads,
-                                    head_dim=layer.head_dim or facts.head_dim)
-        params = cfg.params
+            state = spec.init_state(part.params, num_heads=layer.num_heads or facts.num_heads,
+                                    head_dim=layer.head_dim or facts.head_dim, layer_index=layer.index)
+        params = part.params
         if isinstance(layer.sliding_window, int):  # the model's own window, composed with the variant's
-            params = compose_window(cfg.method, params, layer.sliding_window)
-        holder = ReshapedAttention(cfg.method, params, state)
+            params = compose_window(part.method, params, layer.sliding_window)
+        holder = ReshapedAttention(part.method, params, state)
         holder.train(module.training)  # a new module trains by default: follow the model's mode (eval: no redraws)
         ref = next(module.parameters(), None)
         if ref is not None:
             holder = holder.to(device=ref.device, dtype=ref.dtype)
         holders.append((module, holder))
-    forms = [(f.module, f.causal) for f in every if not f.cross and f.causal != bool(getattr(f.module, "is_causal", False))]
-    return _Plan(cfg, holders, extension, forms)
+    return holders
 
 
 def _check_known_arguments(model: nn.Module, modules) -> None:
@@ -269,6 +334,7 @@ def _apply(model: nn.Module, plan: _Plan) -> None:
             record[positions.RECORD_KEY] = extended
         setattr(model.config, MODEL_CONFIG_KEY, record)
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
+        sync_attention_configs(model, ATTN_IMPLEMENTATION)  # configs set_attn_implementation misses (EncoderDecoderModel)
         install_generation_hook(model)  # generate() then picks a ReshapeCache (hf_reshape.cache) by itself
     except BaseException:
         if undo_extension is not None:
@@ -312,6 +378,8 @@ def _own_config(model: nn.Module) -> list[tuple[Any, Any]]:
     memo: dict[int, Any] = {}
     copy.deepcopy(model.config, memo)
     pairs = [(old, memo[key]) for key, old in held.items() if key in memo]
+    # a config held only by submodules (an EncoderDecoderModel's attention modules keep their tower's first config)
+    pairs += [(old, copy.deepcopy(old)) for key, old in held.items() if key not in memo]
     _repoint_configs(model, {id(old): new for old, new in pairs})
     return pairs
 
@@ -359,6 +427,7 @@ def unreshape(model: nn.Module) -> nn.Module:
         delattr(target.config, MODEL_CONFIG_KEY)
     if target.config._attn_implementation == ATTN_IMPLEMENTATION:
         target.set_attn_implementation(original)
+    sync_attention_configs(target, original, only_from=ATTN_IMPLEMENTATION)
     return model
 
 
@@ -449,6 +518,14 @@ def from_pretrained(path_or_repo_id: str | os.PathLike, model_class=None, **kwar
     from transformers import AutoConfig
 
     hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+    folder = os.fspath(path_or_repo_id)
+    if os.path.isdir(folder) and not os.path.isfile(os.path.join(folder, "config.json")) and os.path.isfile(
+            os.path.join(folder, "adapter_config.json")):
+        raise ValueError(
+            f"{str(path_or_repo_id)!r} holds a PEFT adapter (adapter_config.json), not a model: load the reshaped base "
+            "model (hf_reshape.from_pretrained(base_folder), or reshape the base with the ReshapeConfig saved next to "
+            "the adapter), then peft.PeftModel.from_pretrained(base, adapter_folder)"
+        )
     config = AutoConfig.from_pretrained(path_or_repo_id, **hub_kwargs)
     record = getattr(config, MODEL_CONFIG_KEY, None)
     if record is None:

@@ -45,6 +45,17 @@ def main_output(arch: str, out) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") and out.logits is not None else out.last_hidden_state
 
 
+def recompute_greedy(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
+    """Greedy decoding with no cache, one full forward per new token (token 0 never chosen): what cached generation
+    must equal."""
+    seq = ids
+    for _ in range(steps):
+        logits = model(input_ids=seq, use_cache=False).logits[:, -1]
+        logits[:, 0] = float("-inf")
+        seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
+    return seq
+
+
 def is_causal_arch(arch: str) -> bool:
     return arch == "gpt2"
 

@@ -12,6 +12,8 @@ import transformers as tf
 import hf_reshape
 from hf_reshape.architectures import attention_modules, layer_facts
 from hf_reshape.cache import LinearRecurrentLayer, ReshapeCache, SlidingWindowLayer
+from hf_reshape.registry import get_variant
+from transformers.cache_utils import DynamicLayer
 from hf_reshape.integration import STATE_ATTR, hf_reshape_attention_forward
 
 SEQ = 12
@@ -248,17 +250,71 @@ def test_greedy_generation_equals_recomputation(stock_models, name, variant):
         assert isinstance(out.cache, ReshapeCache)
 
 
-def test_grouped_query_linear_state_is_per_query_head_and_bounded(stock_models):
-    model = hf_reshape.reshape(_model(stock_models, "qwen2"), "linear", chunk_size=4)  # 4 query heads, 1 kv head
+@pytest.mark.parametrize("variant,heads", [("linear", 1), ("taylor", 1), ("hedgehog", 4)])
+def test_grouped_query_linear_state_is_per_key_value_head_where_the_map_is_shared_and_bounded(stock_models, variant,
+                                                                                              heads):
+    """Qwen2 here has 4 query heads and 1 key/value head. A feature map that is the same for every head (`linear`,
+    `taylor`) gives the 4 query heads of a group the same sums: the state is kept once per key/value head (4x less).
+    Per-head learned maps (`hedgehog`) give each query head its own sums. Either way the state does not grow with
+    the prompt, and decoding equals recomputation (test above and below)."""
+    model = hf_reshape.reshape(_model(stock_models, "qwen2"), variant, chunk_size=4)
     sizes = []
     for n in (6, 20):
         ids = torch.randint(3, 101, (1, n), generator=torch.Generator().manual_seed(n))
-        out = model.generate(ids, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+        out = model.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False, return_dict_in_generate=True)
         layers = out.cache.layers
         assert all(isinstance(layer, LinearRecurrentLayer) for layer in layers)
-        assert tuple(layers[0].state.shape) == (1, 4, 8, 8)
+        assert tuple(layers[0].state.shape[:2]) == (1, heads) and layers[0].state.shape[-1] == 8
+        assert torch.equal(out.sequences, _recompute_greedy(model, ids, 3))
         sizes.append(out.cache.nbytes())
     assert sizes[0] == sizes[1]
+
+
+# sampling on Llama (4 query heads, 2 key/value heads), beam search on Qwen2 (4 and 1): one decoding per model keeps
+# the matrix short; greedy decoding of both is above
+GQA = [(m, mode, v) for m, mode in (("llama", "sample"), ("qwen2", "beam")) for v in hf_reshape.list_variants()
+       if _fits(v, m)]
+
+
+@pytest.mark.parametrize("name,mode,variant", GQA, ids=[f"{m}-{d}-{v}" for m, d, v in GQA])
+def test_grouped_query_sampled_and_beam_generation_equal_recomputation(stock_models, name, mode, variant):
+    """Sampling with a fixed seed, and beam search (num_beams=2, which reorders the cache, the linear state
+    included, at every step), give the tokens that recomputing the whole sequence (use_cache=False) gives."""
+    model = hf_reshape.reshape(_model(stock_models, name), variant, **_small(variant))
+    ids = _inputs(name, batch=1, seed=4)["input_ids"][:, :5]
+    kw = dict(do_sample=True, top_k=0, temperature=1.5) if mode == "sample" else dict(do_sample=False, num_beams=2)
+    kw.update(max_new_tokens=4, min_new_tokens=4)
+    torch.manual_seed(11)
+    out = model.generate(ids, return_dict_in_generate=True, **kw)
+    torch.manual_seed(11)
+    assert torch.equal(out.sequences, model.generate(ids, use_cache=False, **kw))
+    if get_variant(variant).features is not None or variant in ("sliding_window", "sink_window"):
+        assert isinstance(out.cache, ReshapeCache)
+
+
+@pytest.mark.parametrize("variant", ["linear", "sink_window"])
+def test_reordering_and_selecting_rows_of_the_bounded_cache_moves_each_rows_state(stock_models, variant):
+    """What beam search does to the cache between steps: after a prefill of two different prompts,
+    `reorder_cache([1, 1])` (both beams continue the second row) then one more token gives, on both rows, the
+    logits of the second prompt plus that token computed without a cache; `batch_select_indices` likewise."""
+    model = hf_reshape.reshape(_model(stock_models, "qwen2"), variant, **_small(variant))
+    prompts = _inputs("qwen2", batch=2, seed=5)["input_ids"][:, :7]
+    nxt = torch.tensor([[7], [7]])
+    want = model(input_ids=torch.cat([prompts[1:], nxt[:1]], 1), use_cache=False).logits[0, -1]
+    for move in ("reorder", "select"):
+        cache = ReshapeCache(model)
+        model(input_ids=prompts, cache=cache, use_cache=True)
+        assert not isinstance(cache.layers[0], DynamicLayer)
+        if move == "reorder":
+            cache.reorder_cache(torch.tensor([1, 1]))
+            ids, rows = nxt, 2
+        else:
+            cache.batch_select_indices(torch.tensor([1]))
+            ids, rows = nxt[:1], 1
+        got = model(input_ids=ids, cache=cache, use_cache=True,
+                    position_ids=torch.full((rows, 1), prompts.shape[1])).logits[:, -1]
+        for row in range(rows):
+            torch.testing.assert_close(got[row], want, atol=1e-5, rtol=1e-5)
 
 
 # ---------- the attention call's own arguments ----------
@@ -416,7 +472,7 @@ def test_a_decoder_whose_causality_is_only_in_its_mask_runs_causal():
     torch.manual_seed(0)
     model = tf.NllbMoeModel(tf.NllbMoeConfig(**SEQ2SEQ, num_experts=2, expert_capacity=4, max_position_embeddings=64))
     model = model.double().eval()
-    decoder = [f for f in layer_facts(model) if ".decoder." in f"." + f.name]
+    decoder = [f for f in layer_facts(model) if ".decoder." in "." + f.name]
     assert decoder and all(f.causal for f in decoder) and not any(f.module.is_causal for f in decoder)
     ids = _inputs("llama")["input_ids"]
     inputs = {"input_ids": ids, "decoder_input_ids": ids[:, :6]}

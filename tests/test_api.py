@@ -259,6 +259,14 @@ def test_register_refuses_bad_names(name):
                                     forward=_exact, reference=_exact)
 
 
+def test_register_refuses_the_hybrid_name():
+    # "hybrid" is the method of per-layer hybrid configs: a variant of that name would be shadowed by them
+    with pytest.raises(ValueError, match="per-layer hybrid"):
+        hf_reshape.register_variant(name="hybrid", family="sparse", params_cls=hf_reshape.VariantParams,
+                                    forward=_exact, reference=_exact)
+    assert "hybrid" not in hf_reshape.list_variants()
+
+
 # ---------- layers, cross-attention, re-reshaping ----------
 
 def test_layers_selects_which_layers_change():

@@ -122,3 +122,20 @@ def test_progress_bars_name_stage_and_candidate(capsys):
     for label in ("op T=16 bidirectional fwd warm-up: linear", "op T=16 bidirectional fwd round 1/2: sdpa",
                   "op T=16 bidirectional fwd round 2/2: linear", "op T=16 bidirectional fwd round 2/2: eager"):
         assert label in err, label
+
+
+def test_quick_llama_model_level(tmp_path):
+    """`--models llama`: a Llama-shaped decoder (random weights, GQA, RoPE): forward and generate against SDPA."""
+    cli.main(["bench", "--quick", "--level", "model", "--models", "llama", "--out", str(tmp_path),
+              "--variants", "linear", "sliding_window"])
+    res = json.loads((tmp_path / "bench.json").read_text())
+    rows = res["model"]["rows"]
+    fwd = {r["candidate"]: r for r in rows if r["model"] == "llama"}
+    gen = {r["candidate"]: r for r in rows if r["model"] == "llama-generate"}
+    assert set(fwd) == set(gen) == {"sdpa", "linear", "sliding_window"}
+    assert all(r["error"] is None and r["median_s"] > 0 and r["weights"] == "random" for r in rows), rows
+    assert fwd["sdpa"]["tokens"] == 64 and fwd["linear"]["kv_heads"] == 2
+    assert gen["sdpa"]["cache"] == "DynamicCache" and gen["linear"]["cache"] == "ReshapeCache"
+    assert all(r["cache_bytes"] > 0 and r["prefill_s"] > 0 for r in gen.values())
+    md = (tmp_path / "bench.md").read_text()
+    assert "Llama-shaped decoder (random weights" in md and "cache MiB at the end" in md

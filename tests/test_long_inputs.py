@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import transformers
-from conftest import tiny_inputs, tiny_model
+from conftest import recompute_greedy, tiny_inputs, tiny_model
 from transformers.cache_utils import DynamicLayer
 
 import hf_reshape
@@ -325,15 +325,6 @@ BOUNDED = [pytest.param({"num_sink": 2, "window": 3}, id="s2-w3"), pytest.param(
            pytest.param({"num_sink": 3, "window": 0}, id="w0")]
 
 
-def recompute_greedy(model, ids, steps):
-    seq = ids
-    for _ in range(steps):
-        logits = model(input_ids=seq, use_cache=False).logits[:, -1]
-        logits[:, 0] = float("-inf")
-        seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
-    return seq
-
-
 @pytest.mark.parametrize("params", BOUNDED)
 def test_generate_with_sinks_matches_recomputing_and_a_padded_batch_each_row_alone(params):
     model = hf_reshape.reshape(tiny_model("gpt2"), "sink_window", **params)
@@ -418,3 +409,61 @@ def test_a_rope_model_with_grouped_heads_streams_past_its_length_like_recomputin
     torch.testing.assert_close(logits, full, rtol=1e-4, atol=1e-4)
     out = model.generate(prompt, max_new_tokens=85, min_new_tokens=85, do_sample=False)
     assert torch.equal(out, seq)
+
+
+# ---------------------------------------------------------------------------------------------------- figure scripts
+
+
+def test_streaming_figure_script_flat_cache_and_perplexity_rows(tmp_path):
+    """hf_reshape.bench.streaming at tiny sizes: the latency stream starts with a full cache and keeps its bytes
+    constant; perplexity rows are finite, and with a window covering the whole stream sink_window scores exactly
+    what exact attention over the stream scores."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from hf_reshape.bench import streaming
+
+    cfg = '{"n_layer": 2, "n_embd": 32, "n_head": 2, "vocab_size": 101, "n_positions": 64}'
+    assert streaming.main(["--config", cfg, "--tokens", "40", "--num-sink", "2", "--window", "8", "--edge", "10",
+                           "--out", str(tmp_path / "lat")]) == 0
+    result = json.loads((tmp_path / "lat" / "streaming.json").read_text())
+    assert "RANDOM" in result["model"] and result["stream"]["prompt_tokens"] == 10
+    assert len(result["stream"]["times_s"]) == 40 and len(set(result["stream"]["cache_bytes"])) == 1
+    assert result["flat"]["cache_ratio"] == 1.0 and (tmp_path / "lat" / "streaming.png").is_file()
+
+    text = " ".join(["the cat sat on the mat and the dog ran to the park"] * 60)
+    bpe = Tokenizer(models.BPE(unk_token="<u>"))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    bpe.train_from_iterator([text], trainers.BpeTrainer(vocab_size=60, special_tokens=["<u>"], show_progress=False))
+    folder = tmp_path / "ckpt"
+    tiny_model("gpt2").save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<u>").save_pretrained(folder)
+    (tmp_path / "held.txt").write_text(text)
+    args = ["--model", str(folder), "--tokens", "0", "--ppl-text", str(tmp_path / "held.txt"), "--trained-length",
+            "16", "--num-sink", "2", "--out", str(tmp_path / "ppl")]
+    assert streaming.main([*args, "--ppl-tokens", "120"]) == 0
+    rows = json.loads((tmp_path / "ppl" / "streaming.json").read_text())["perplexity"]["rows"]
+    assert set(rows) == {"sink_window(2, 14)", "window without sinks (16)", "sdpa, whole stream",
+                         "sdpa, window of 16 recomputed per token", "sdpa, blocks of 16 (inside the trained length)"}
+    assert rows["sdpa, window of 16 recomputed per token"]["tokens_scored"] == 120 - 16
+    assert all(r["ppl"] > 1 and r["ppl"] < 1e6 for r in rows.values())
+    assert rows["sink_window(2, 14)"]["ppl"] != rows["window without sinks (16)"]["ppl"]
+    assert streaming.main([*args, "--ppl-tokens", "60", "--ppl-window", "200"]) == 0
+    rows = json.loads((tmp_path / "ppl" / "streaming.json").read_text())["perplexity"]["rows"]
+    assert rows["sink_window(2, 200)"]["ppl"] == pytest.approx(rows["sdpa, whole stream"]["ppl"], rel=1e-5)
+    with pytest.raises(SystemExit):  # perplexity of random weights is refused, naming what it needs
+        streaming.main(["--ppl-tokens", "50", "--tokens", "0"])
+
+
+def test_vit_figure_runs_a_vit_at_four_times_its_tokens_against_sdpa():
+    """hf_reshape.bench.long_inputs --vit without a run folder: a random ViT of the vit-mnist recipe's shape, each
+    variant and SDPA extended with image_size= to 4x the trained tokens, timed side by side."""
+    from hf_reshape.bench import long_inputs
+
+    assert long_inputs.vit_sides(28, 4, [1, 2, 4]) == [(1, 28), (2, 40), (4, 56)]
+    result = long_inputs.run_vit(None, [1, 4], rounds=1, warmup=0, n_eval=10, batch=2, progress=lambda m: None)
+    assert "RANDOM" in result["model"] and result["eval_images"] is None
+    rows = {(r["tokens"], r["model"]): r for r in result["rows"]}
+    assert {t for t, _ in rows} == {50, 197} and len(rows) == 2 * (1 + len(long_inputs.VIT_VARIANTS))
+    assert all(r["error"] is None and r["median_s"] > 0 for r in rows.values())
+    assert "| 197 (4x) | 56x56 | sliding_window-none |" in long_inputs.vit_markdown(result)

@@ -334,3 +334,43 @@ def test_lora_finetune_merges_adapters_and_keeps_the_variant(tiny_text, tmp_path
     model = hf_reshape.from_pretrained(str(folder), model_class=AutoModelForSequenceClassification)
     assert not any("lora" in n for n, _ in model.named_parameters())  # merged into the weights
     assert hf_reshape.get_reshape_config(model).method == "linformer"
+
+
+def test_long_document_recipe_packs_marked_sentences_past_the_trained_positions(tiny_text, tmp_path):
+    """bert-longdoc's machinery at tiny sizes: sentences packed into documents longer than the 64 positions the
+    tiny BERT was trained on (seeded, the label is the marked sentence's), the baseline and each variant extended
+    to `max_positions`, the long latency taken at the extended length."""
+    from hf_reshape.recipes.data import pack_documents
+
+    rows = [line.split(",") for line in (tiny_text / "data.csv").read_text().splitlines()[1:]]
+    (tmp_path / "s.tsv").write_text("sentence\tlabel\n" + "".join(f"{s}\t{y}\n" for s, y in rows))
+    spec = {**_recipe(tiny_text, max_steps=2, max_length=128, max_positions=128, long_length=100),
+            "stages": ["finetune"], "variants": [{"name": "sink_window", "params": {"num_sink": 2, "window": 8}}]}
+    spec["data"] = {"train": f"packed:{tmp_path / 's.tsv'}", "text_column": "sentence", "label_column": "label",
+                    "pack": {"doc_tokens": 100, "train_doc_tokens": 40, "train_docs": 16, "eval_docs": 8,
+                             "marker": "[MASK]"}}
+    results = run(Recipe.from_dict(spec), tmp_path / "out", cards=False)
+    packed = results["data_notes"]["packed"]
+    assert packed["train"]["documents"] == 16 and 64 < packed["eval"]["max_tokens"] <= 100
+    assert packed["eval"]["mean_tokens"] > 90 and packed["train"]["max_tokens"] <= 40
+    assert [(r["label"], r["stage"]) for r in results["rows"]] == [("softmax", "finetune"), ("sink_window", "finetune")]
+    assert all(r["latency_inputs"]["long"] == "1 x 100 tokens" and r["latency_long_ms"] for r in results["rows"])
+    for folder in ("baseline/model", "models/sink_window-finetune"):
+        assert json.loads((tmp_path / "out" / folder / "config.json").read_text())["max_position_embeddings"] == 128
+    # deterministic from the seed; the label is the marked sentence's, wrapped in the marker
+    sentences, labels = [s for s, _ in rows], [y for _, y in rows]
+    kw = dict(n_docs=4, doc_tokens=30, marker="@", marker_tokens=1, seed=5)
+    docs = pack_documents(sentences, labels, [len(s.split()) for s in sentences], **kw)
+    assert docs == pack_documents(sentences, labels, [len(s.split()) for s in sentences], **kw)
+    for text, label in zip(docs["text"], docs["label"]):
+        marked = text.split("@")[1].strip()
+        assert text.count("@") == 2 and labels[sentences.index(marked)] == label and len(text.split()) <= 28
+    bad = {**spec, "data": {**spec["data"], "pack": {"doc_tokens": 100, "docs": 3}}}
+    with pytest.raises(RecipeError, match="unknown field.*accepted"):
+        Recipe.from_dict(bad)
+    longdoc = Recipe.load("bert-longdoc")  # the built-in recipe parses; --quick is shorter
+    quick = longdoc.with_overrides(longdoc.quick)
+    assert longdoc.schedule.max_positions == 2048 and quick.data.pack["doc_tokens"] < longdoc.data.pack["doc_tokens"]
+    too_long = {**spec, "schedule": {**spec["schedule"], "max_length": 64}}
+    with pytest.raises(RecipeError, match="longer than the schedule's max_length"):
+        run(Recipe.from_dict(too_long), tmp_path / "bad2", cards=False)

@@ -4,6 +4,7 @@
 hf-reshape bench --quick --out bench_quick                # seconds: tiny sizes, every code path
 hf-reshape bench --out bench_out                          # op level, T = 512 .. 16384 (memory to 32768)
 hf-reshape bench --level model --out bench_model          # BERT / ViT / GPT-2 shaped models
+hf-reshape bench --level model --models llama --out bench_llama   # Llama-shaped decoder (GQA, RoPE), T=8192 + generate
 hf-reshape bench --peers-python peers-venv/bin/python     # + lucidrains' packages (docs/bench/README.md)
 ```
 
@@ -31,7 +32,9 @@ on CUDA ``torch.cuda.max_memory_allocated``. The op level also measures memory a
 
 **Model level** (``--level model``, :mod:`hf_reshape.bench.model`): a 2-layer BERT-base-shaped encoder at
 T = 1024, 4096, 16384; a 2-layer ViT-B/16-shaped encoder on a 2048 x 2048 image (16385 tokens,
-``interpolate_pos_encoding=True``); GPT-2-small-shaped greedy generation of 32 tokens after a 1024-token prompt.
+``interpolate_pos_encoding=True``); GPT-2-small-shaped greedy generation of 32 tokens after a 1024-token prompt; with ``--models llama`` (not run by
+default) a Llama-shaped decoder with random weights (grouped-query attention, RoPE): a forward at T = 8192 and
+greedy generation of 256 tokens after a 4,000-token prompt, each against SDPA, with the cache's bytes at the end.
 
 **Peers** (``--peers-python``, :mod:`hf_reshape.bench.peer_client`): ``peers.py`` runs lucidrains'
 performer-pytorch, linformer, nystrom-attention and local-attention in their own environment; each peer call
@@ -131,8 +134,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="Python with the peer packages (env HF_RESHAPE_PEERS_PYTHON); unset: peers are skipped")
     p.add_argument("--peers-max-T", type=int, default=4096, help="largest T for the peer comparison")
     g = p.add_argument_group("model level")
-    g.add_argument("--models", nargs="+", choices=["bert", "vit", "gpt2"], default=["bert", "vit", "gpt2"],
-                   help="BERT-base-shaped encoder, ViT-B/16-shaped encoder, GPT-2-small-shaped generation")
+    g.add_argument("--models", nargs="+", choices=["bert", "vit", "gpt2", "llama"], default=["bert", "vit", "gpt2"],
+                   help="BERT-base-shaped encoder, ViT-B/16-shaped encoder, GPT-2-small-shaped generation; "
+                        "llama (not by default): a Llama-shaped decoder with random weights (GQA, RoPE)")
     g.add_argument("--bert-T", type=int, nargs="+", default=None, help="BERT lengths (default 1024 4096 16384)")
     g.add_argument("--bert-layers", type=int, default=2, help="BERT layers (BERT-base has 12)")
     g.add_argument("--vit-image", type=int, default=2048, help="ViT image side (pixels); 2048 -> 16385 tokens")
@@ -142,6 +146,12 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--gpt2-short-prompt", type=int, default=100,
                    help="also time decoding after this many prompt tokens (latency growth); 0: skip")
     g.add_argument("--gpt2-layers", type=int, default=12, help="GPT-2 layers (GPT-2 small has 12)")
+    g.add_argument("--llama-T", type=int, default=8192, help="Llama forward length")
+    g.add_argument("--llama-prompt", type=int, default=4000, help="Llama prompt tokens before generation")
+    g.add_argument("--llama-new", type=int, default=256, help="Llama tokens generated (greedy)")
+    g.add_argument("--llama-layers", type=int, default=4, help="Llama layers")
+    g.add_argument("--llama-kv-heads", type=int, default=4,
+                   help="Llama key/value heads (grouped-query attention; the query heads are the model's 12)")
     return p
 
 
@@ -208,7 +218,8 @@ def run(args: argparse.Namespace, command: str = "hf-reshape bench") -> dict:
                 models=tuple(args.models), bert_sizes=tuple(args.bert_T or (1024, 4096, 16384)),
                 bert_layers=args.bert_layers, vit_image=args.vit_image, vit_layers=args.vit_layers,
                 gpt2_prompt=args.gpt2_prompt, gpt2_new=args.gpt2_new, gpt2_short_prompt=args.gpt2_short_prompt,
-                gpt2_layers=args.gpt2_layers,
+                gpt2_layers=args.gpt2_layers, llama_T=args.llama_T, llama_prompt=args.llama_prompt,
+                llama_new=args.llama_new, llama_layers=args.llama_layers, llama_kv_heads=args.llama_kv_heads,
                 variants=variants, caps=caps, quadratic_max_t=1 << 30,  # stock SDPA is the baseline: no cap
                 rounds=rounds, warmup=args.warmup)
         results["model"], memory_jobs = model_bench.run_timing(mcfg, say)
@@ -231,11 +242,16 @@ def run(args: argparse.Namespace, command: str = "hf-reshape bench") -> dict:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "bench.json").write_text(json.dumps(results, indent=2, default=str))
-        (out / "bench.md").write_text(report.to_markdown(results) + "\n")
+        (out / "bench.md").write_text(_markdown(results) + "\n")
         if "op" in results:
             report.plot(results, out / "op.png")
         say(f"wrote {out / 'bench.json'}, {out / 'bench.md'}" + (f", {out / 'op.png'}" if "op" in results else ""))
     return results
+
+
+def _markdown(results: dict) -> str:
+    llama = model_bench.llama_markdown(results)
+    return report.to_markdown(results) + ("\n\n" + llama if llama else "")
 
 
 def main(argv=None) -> None:
@@ -243,4 +259,4 @@ def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     results = run(args, command="hf-reshape bench " + " ".join(shlex.quote(a) for a in argv))
-    print(report.to_markdown(results))
+    print(_markdown(results))

@@ -12,6 +12,13 @@
   The same is measured after a short prompt (``gpt2_short_prompt``, 100 tokens by default): the ratio of the two
   per-token times says whether decoding slows down as the context grows (a KV cache does; an O(1) state should
   not).
+* **Llama** (``LlamaForCausalLM``, random weights: a Llama-shaped decoder, not a trained checkpoint): grouped-query
+  attention (``llama_kv_heads`` key/value heads for ``heads`` query heads), rotary positions, SwiGLU feed-forward
+  (``llama_intermediate``), RMSNorm; ``llama_layers`` layers. Two measurements, each side by side with SDPA:
+  one forward of ``[1, llama_T]`` token ids (``llama_T = 8192`` by default), and greedy ``generate`` of
+  ``llama_new`` tokens after a ``llama_prompt``-token prompt (256 after 4,000 by default) with the cache
+  ``generate`` picks, reporting prefill, time per new token (as for GPT-2), total, and the bytes the cache holds
+  once all tokens are generated (a KV cache's peak; a bounded cache holds the same after any prompt).
 
 Every candidate is its own copy of the same weights (reshaped once, outside the timed region), and the
 candidates are timed round-robin exactly as at op level.
@@ -46,6 +53,12 @@ class ModelConfig:
     gpt2_new: int = 256
     gpt2_short_prompt: int = 100  # 0: skip the short-prompt latency
     gpt2_layers: int = 12
+    llama_T: int = 8192
+    llama_prompt: int = 4000
+    llama_new: int = 256
+    llama_layers: int = 4
+    llama_kv_heads: int = 4  # with heads=12: 3 query heads per key/value head
+    llama_intermediate: int = 2048
     vocab: int | None = None  # None: each architecture's real vocabulary size
     variants: tuple[str, ...] | None = None
     caps: dict[str, int] | None = None
@@ -58,7 +71,8 @@ class ModelConfig:
 def quick_config(**overrides) -> ModelConfig:
     """Tiny shapes for smoke runs (seconds)."""
     base = dict(hidden=64, heads=4, intermediate=128, bert_sizes=(32, 64), bert_layers=2, vit_image=64, vit_layers=2,
-                gpt2_prompt=16, gpt2_new=4, gpt2_short_prompt=4, gpt2_layers=2, vocab=1000, rounds=1, warmup=1, quick=True)
+                gpt2_prompt=16, gpt2_new=4, gpt2_short_prompt=4, gpt2_layers=2, vocab=1000, rounds=1, warmup=1, quick=True,
+                llama_T=64, llama_prompt=16, llama_new=4, llama_layers=2, llama_kv_heads=2, llama_intermediate=96)
     base.update(overrides)
     return ModelConfig(**base)
 
@@ -220,11 +234,127 @@ def gpt2(cfg: ModelConfig, progress=None) -> tuple[list[dict], list]:
     return rows, [("gpt2", p + n_new, name, calls[f"{name}|{n_new}"]) for name in models]
 
 
+def _llama_model(cfg: ModelConfig, positions: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    vocab = cfg.vocab or 32000
+    config = LlamaConfig(hidden_size=cfg.hidden, num_hidden_layers=cfg.llama_layers, num_attention_heads=cfg.heads,
+                         num_key_value_heads=cfg.llama_kv_heads, intermediate_size=cfg.llama_intermediate,
+                         max_position_embeddings=positions, vocab_size=vocab, bos_token_id=1, eos_token_id=2,
+                         pad_token_id=0, attn_implementation="sdpa")
+    return LlamaForCausalLM(config).eval(), config
+
+
+def llama(cfg: ModelConfig, progress=None) -> tuple[list[dict], list]:
+    """A Llama-shaped decoder with random weights (see the module docstring): forward at ``llama_T`` and
+    ``generate`` after ``llama_prompt`` tokens, every causal variant against SDPA."""
+    from ..cache import cache_nbytes
+
+    t, p, n_new = cfg.llama_T, cfg.llama_prompt, cfg.llama_new
+    model, config = _llama_model(cfg, max(t, p + n_new))
+    shape = {"layers": cfg.llama_layers, "kv_heads": cfg.llama_kv_heads, "weights": "random"}
+    rows, jobs = [], []
+
+    # one forward at T
+    models = _copies(model, _variants(cfg, True, t), t, cfg.quick)
+    ids = torch.randint(3, config.vocab_size, (1, t), generator=torch.Generator().manual_seed(1))
+
+    def forward(m):
+        with torch.no_grad():
+            return m.model(input_ids=ids, use_cache=False).last_hidden_state  # the decoder; no [T, vocab] logits
+    calls = {n: (lambda m=m: forward(m)) for n, m in models.items()}
+    if progress:
+        progress(f"model llama T={t}: {', '.join(calls)}")
+    timings = interleaved(calls, cfg.rounds, cfg.warmup, label=f"model llama T={t}")
+    rows += _rows("llama", t, timings, shape)
+    jobs += [("llama", t, n, c) for n, c in calls.items()]
+    del models, calls
+
+    # generate after a long prompt
+    models = _copies(model, _variants(cfg, True, p + n_new), p + n_new, cfg.quick)
+    prompt = torch.randint(3, config.vocab_size, (1, p), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(prompt)
+
+    def generate(m, new, **kw):
+        with torch.no_grad():
+            return m.generate(input_ids=prompt, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                              do_sample=False, pad_token_id=config.pad_token_id, **kw)
+    cache, cache_bytes = {}, {}
+    for name, m in models.items():  # untimed: the cache generate picks and what it holds after every token
+        try:
+            out = generate(m, n_new, return_dict_in_generate=True)
+            found = next((out[k] for k in ("cache", "past_key_values") if k in out.keys()), None)
+            cache[name] = type(found).__name__ if found is not None else "none"
+            cache_bytes[name] = cache_nbytes(found) if found is not None else None
+        except Exception as err:  # noqa: BLE001 -- reported in the row, as the timing does
+            cache[name], cache_bytes[name] = f"error: {type(err).__name__}", None
+    calls = {}
+    for name, m in models.items():
+        calls[f"{name}|{n_new}"] = lambda m=m: generate(m, n_new)
+        calls[f"{name}|1"] = lambda m=m: generate(m, 1)
+    if progress:
+        progress(f"model llama generate prompt={p} new={n_new}: {', '.join(models)}")
+    timings = interleaved(calls, cfg.rounds, cfg.warmup, label=f"model llama generate prompt={p}")
+
+    def per_token(name):
+        pairs = list(zip(timings[f"{name}|{n_new}"].times, timings[f"{name}|1"].times))
+        if not pairs or n_new < 2:
+            return None
+        return statistics.median((a - b) / (n_new - 1) for a, b in pairs)
+
+    full = {name: timings[f"{name}|{n_new}"] for name in models}
+    base_tok = per_token("sdpa")
+    for name in models:
+        tok = per_token(name)
+        rows.append({
+            "model": "llama-generate", "tokens": p + n_new, "prompt": p, "new_tokens": n_new, **shape,
+            "candidate": name, "cache": cache[name], "cache_bytes": cache_bytes[name],
+            "times_s": full[name].times, "median_s": full[name].median, "prefill_s": timings[f"{name}|1"].median,
+            "per_token_s": tok, "error": full[name].error or timings[f"{name}|1"].error,
+            "speedup_vs_sdpa": 1.0 if name == "sdpa" else paired_ratio(full["sdpa"], full[name]),
+            "decode_speedup_vs_sdpa": (base_tok / tok) if tok and base_tok and tok > 0 and base_tok > 0 else None,
+        })
+    jobs += [("llama-generate", p + n_new, name, calls[f"{name}|{n_new}"]) for name in models]
+    return rows, jobs
+
+
+def llama_markdown(results: dict) -> str:
+    """The Llama section of ``bench.md`` (empty when the Llama-shaped decoder was not run)."""
+    from .report import _mib, _ms, _table, _vs_sdpa
+
+    model = results.get("model") or {}
+    rows = [r for r in model.get("rows", []) if r["model"] in ("llama", "llama-generate")]
+    if not rows:
+        return ""
+    mem = {(r["model"], r["tokens"], r["candidate"]): r.get("peak_bytes") for r in model.get("memory", [])}
+    cfgm, r0 = model["config"], rows[0]
+    lines = [f"### Llama-shaped decoder (random weights, not a trained model): hidden {cfgm['hidden']}, "
+             f"{cfgm['heads']} query heads, {r0['kv_heads']} key/value heads (grouped-query), RoPE, "
+             f"{r0['layers']} layers", ""]
+    fwd = [r for r in rows if r["model"] == "llama"]
+    if fwd:
+        lines += [f"One forward of {fwd[0]['tokens']} tokens:", ""]
+        body = [[f"`{r['candidate']}`", _ms(r["median_s"]) if r["median_s"] else (r.get("error") or "-"), _vs_sdpa(r),
+                 _mib(mem.get(("llama", r["tokens"], r["candidate"])))] for r in fwd]
+        lines += _table(["attention", "ms", "x SDPA", "peak MiB"], body) + [""]
+    gen = [r for r in rows if r["model"] == "llama-generate"]
+    if gen:
+        lines += [f"Greedy generate of {gen[0]['new_tokens']} new tokens after a {gen[0]['prompt']}-token prompt:", ""]
+        body = [[f"`{r['candidate']}`", r["cache"], _ms(r["median_s"]) if r["median_s"] else (r.get("error") or "-"),
+                 _vs_sdpa(r), _ms(r["prefill_s"]), _ms(r["per_token_s"]), _vs_sdpa(r, "decode_speedup_vs_sdpa"),
+                 _mib(r.get("cache_bytes")), _mib(mem.get(("llama-generate", r["tokens"], r["candidate"])))]
+                for r in gen]
+        lines += _table(["attention", "cache", "total ms", "x SDPA", "prefill ms", "ms / new token", "decode x SDPA",
+                         "cache MiB at the end", "peak MiB"], body) + [""]
+    return "\n".join(lines)
+
+
 def run_timing(cfg: ModelConfig, progress=None) -> tuple[dict, list]:
     """Time the selected models; returns the ``model`` section and the memory jobs to measure afterwards."""
     rows, jobs = [], []
     for which in cfg.models:
-        r, j = {"bert": bert, "vit": vit, "gpt2": gpt2}[which](cfg, progress)
+        r, j = {"bert": bert, "vit": vit, "gpt2": gpt2, "llama": llama}[which](cfg, progress)
         rows += r
         jobs += j
     shapes = {"hidden": cfg.hidden, "heads": cfg.heads, "intermediate": cfg.intermediate}

@@ -20,36 +20,17 @@ import torch
 import torch.nn.functional as F
 
 from .. import functional
-from ..registry import get_variant, list_variants
+from ..registry import get_variant, list_variants, make_params
 from .timing import PeakMemory, Timing, interleaved, paired_ratio
 
 BASELINES = ("sdpa", "eager")
-# per-variant benchmark settings (the issue's list); a newly registered variant runs with its defaults
-BENCH_PARAMS: dict[str, dict[str, Any]] = {
-    "sliding_window": {"window": 256},
-    "linformer": {"proj_len": 256},  # max_length = T, set per size
-    "nystrom": {"num_landmarks": 64},
-    "linear": {"feature_map": "elu"},
-    "topk": {"top_k": 64},
-    "svd": {"rank": 32},
-}
-# --quick: sizes of a few dozen tokens, so the parameters shrink with them
-QUICK_PARAMS: dict[str, dict[str, Any]] = {
-    "sliding_window": {"window": 8},
-    "linformer": {"proj_len": 16},
-    "nystrom": {"num_landmarks": 8},
-    "linear": {"feature_map": "elu"},
-    "topk": {"top_k": 8},
-    "svd": {"rank": 8},
-}
+# A variant's benchmark parameters, --quick parameters and forward FLOP count are declared on its registration
+# (``VariantSpec.bench_params``, ``quick_params``, ``flops``), so every registered variant is benchmarked.
 # largest T each candidate runs at by default (time or memory grows too fast past it on a 2-core CPU):
 # eager materialises H x T x T scores and probabilities (~3 GiB of them at T=4096 with their gradients); topk is
 # O(T^2) and slower than SDPA by construction; svd is O(T^3). Other quadratic-time candidates (SDPA, a registered
 # variant with ``quadratic=True``) stop at --quadratic-max-T. Override with --cap NAME=T.
 DEFAULT_CAPS = {"eager": 4096, "topk": 2048, "svd": 512}
-# SVD of an n x n matrix with both singular-vector sets (Golub-Reinsch, Golub & Van Loan, Matrix Computations,
-# 4th ed., Fig. 8.6.1): about 21 n^3 flops
-SVD_FLOP_FACTOR = 21
 
 
 @dataclass
@@ -72,10 +53,11 @@ class OpConfig:
 
 
 def variant_params(name: str, t: int, quick: bool = False) -> dict[str, Any]:
-    """Benchmark parameters of a variant at length ``t`` (``max_length = t`` where the variant has one)."""
-    params = dict((QUICK_PARAMS if quick else BENCH_PARAMS).get(name, {}))
-    fields = get_variant(name).params_cls.field_names()
-    if "max_length" in fields and params.get("max_length") is None:
+    """Benchmark parameters of a variant at length ``t``: its spec's ``bench_params`` (``quick``: ``quick_params``,
+    else ``small_params``), with ``max_length = t`` where the variant has one and leaves it unset."""
+    spec = get_variant(name)
+    params = spec.quick() if quick else dict(spec.bench_params)
+    if "max_length" in spec.params_cls.field_names() and params.get("max_length") is None:
         params["max_length"] = t
     return params
 
@@ -110,47 +92,29 @@ def runs_at(name: str, t: int, cfg: OpConfig) -> bool:
 # ---------------------------------------------------------------------------------------------------- FLOPs
 
 
-def forward_flops(name: str, t: int, cfg: OpConfig, causal: bool, params: dict[str, Any] | None = None) -> float:
-    """Useful forward matmul FLOPs of one call on ``[B, H, t, D]`` (see the module docstring)."""
+def forward_flops(name: str, t: int, cfg: OpConfig, causal: bool, params: dict[str, Any] | None = None) -> float | None:
+    """Useful forward matmul FLOPs of one call on ``[B, H, t, D]`` (see the module docstring): SDPA's and eager's
+    here, a variant's from its spec (``VariantSpec.flops``, given the validated parameters, defaults filled).
+    ``None`` where the variant declares no count (the report shows "n/a")."""
     b, h, d = cfg.batch, cfg.heads, cfg.head_dim
-    if params is None:
-        params = {} if name in BASELINES else variant_params(name, t, cfg.quick)
-    pairs = t * (t + 1) / 2 if causal else t * t  # (query, key) pairs attended
     if name in BASELINES:
-        per_head = 4 * pairs * d  # Q K^T and P V
-    elif name == "linear":
-        # phi(K)^T V and phi(Q) S (+ the normaliser phi(Q) z): 4 T D^2 (+ 2 T D), causal or not
-        per_head = 4 * t * d * d + 2 * t * d
-    elif name == "sliding_window":
-        w = params.get("window", 128)
-        if causal:
-            band = sum(min(i, w) + 1 for i in range(min(t, w + 1))) + max(0, t - w - 1) * (w + 1)
-        else:
-            band = sum(min(t, i + w + 1) - max(0, i - w) for i in range(t)) if t <= 2 * w + 1 else (
-                t * (2 * w + 1) - w * (w + 1))
-        per_head = 4 * band * d
-    elif name == "linformer":
-        kp = params.get("proj_len", 128)
-        per_head = 4 * kp * t * d + 4 * t * kp * d  # E K, F V; then Q (EK)^T and P (FV)
-    elif name == "nystrom":
-        m = min(params.get("num_landmarks", 64), t)
-        it = params.get("pinv_iterations", 6)
-        # Q Kl^T, Ql Kl^T, Ql K^T, K3 V, pinv(K2) (K3 V), K1 (...); Newton-Schulz: 4 m x m x m matmuls per step
-        per_head = 2 * t * m * d * 4 + 2 * m * m * d * 2 + it * 4 * 2 * m**3
-    elif name == "topk":
-        k = min(params.get("top_k", 64), t)
-        per_head = 2 * pairs * d + 2 * t * k * d  # all scores, then P V over the kept keys only
-    elif name == "svd":
-        r = params.get("rank", 32)
-        per_head = 2 * t * t * d + SVD_FLOP_FACTOR * t**3 + 2 * t * t * r + 2 * t * t * d
-    else:
-        return float("nan")  # a user-registered variant: no analytic count
-    return float(b * h * per_head)
+        pairs = t * (t + 1) / 2 if causal else t * t  # (query, key) pairs attended
+        return float(b * h * 4 * pairs * d)  # Q K^T and P V
+    spec = get_variant(name)
+    if spec.flops is None:
+        return None
+    if params is None:
+        params = variant_params(name, t, cfg.quick)
+    count = spec.flops(t=t, head_dim=d, num_heads=h, batch=b, causal=causal, params=make_params(spec, params))
+    if count is None:
+        return None
+    count = float(count)
+    return count if math.isfinite(count) else None
 
 
-def flops(name: str, t: int, cfg: OpConfig, causal: bool, mode: str, params=None) -> float:
+def flops(name: str, t: int, cfg: OpConfig, causal: bool, mode: str, params=None) -> float | None:
     f = forward_flops(name, t, cfg, causal, params)
-    return f if mode == "fwd" else 3 * f
+    return f if mode == "fwd" or f is None else 3 * f
 
 
 # ---------------------------------------------------------------------------------------------------- candidates
@@ -256,7 +220,7 @@ def run_timing(cfg: OpConfig, progress=None) -> dict:
                         "times_s": tm.times, "median_s": tm.median, "error": tm.error,
                         "speedup_vs_sdpa": paired_ratio(base, tm) if n != "sdpa" else (1.0 if tm.times else None),
                         "flops": fl,
-                        "gflops_per_s": (fl / tm.median / 1e9) if tm.median and math.isfinite(fl) else None,
+                        "gflops_per_s": (fl / tm.median / 1e9) if tm.median and fl is not None else None,
                     })
             del calls
         del inputs

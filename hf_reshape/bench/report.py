@@ -164,8 +164,12 @@ def to_markdown(results: dict) -> str:
             for c, by_t in idx[(form, mode)].items():
                 cells = []
                 for t in sizes:
-                    g = by_t.get(t, {}).get("gflops_per_s")
-                    cells.append("" if g is None else f"{g:.1f} ({100 * g / peak:.0f}%)")
+                    r = by_t.get(t, {})
+                    g = r.get("gflops_per_s")
+                    if r and r.get("flops") is None:  # the variant declares no FLOP count (VariantSpec.flops)
+                        cells.append("n/a")
+                    else:
+                        cells.append("" if g is None else f"{g:.1f} ({100 * g / peak:.0f}%)")
                 body.append([form, mode, f"`{c}`"] + cells)
         lines += _table(["form", "mode", "candidate"] + [f"T={t}" for t in sizes], body) + [""]
         lo, hi = EXPONENT_RANGE

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib
 import json
 import re
 import sys

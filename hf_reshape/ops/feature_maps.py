@@ -387,9 +387,21 @@ class T2RFeatureMap(FeatureMap):
         return t2r_features(x, weight, bias)
 
 
-def performer_projection(num_heads: int, head_dim: int, num_features: int, seed: int, draw: int = 0) -> torch.Tensor:
-    """FAVOR+'s projection ``[H, D, m]`` drawn from ``seed`` (``draw`` > 0: the ``draw``-th redraw), deterministically."""
-    g = torch.Generator().manual_seed((seed * 1_000_003 + draw) % (1 << 63))
+def performer_layer_seed(seed: int, layer: int) -> int:
+    """The seed of layer ``layer``'s draws under the variant's ``seed``: distinct layers (and seeds) get distinct,
+    independent-looking streams (a 64-bit mix, SplitMix64's finaliser, Steele et al. 2014), kept below ``2^63`` so it
+    fits an int64 buffer and ``torch.Generator.manual_seed``."""
+    x = (seed * 0x9E3779B97F4A7C15 + layer * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (x ^ (x >> 31)) >> 1
+
+
+def performer_projection(num_heads: int, head_dim: int, num_features: int, seed: int, draw: int = 0,
+                         layer: int = 0) -> torch.Tensor:
+    """FAVOR+'s projection ``[H, D, m]`` of layer ``layer`` drawn from ``seed`` (``draw`` > 0: another draw of the
+    same stream), deterministically: layers draw independently (:func:`performer_layer_seed`)."""
+    g = torch.Generator().manual_seed(performer_layer_seed(performer_layer_seed(seed, layer), draw))
     return orthogonal_gaussian(num_heads, head_dim, num_features, g)
 
 
@@ -400,10 +412,10 @@ class PerformerFeatureMap(FeatureMap):
     (key) map; :func:`performer_features` ``query=True`` is the query form that variants use."""
 
     def __init__(self, num_heads: int, head_dim: int, num_features: int = 256, seed: int = 0,
-                 scaling: float | None = None):
+                 scaling: float | None = None, layer: int = 0):
         super().__init__(num_heads, head_dim)
         self.scaling = head_dim**-0.5 if scaling is None else scaling
-        self.register_buffer("projection", performer_projection(num_heads, head_dim, num_features, seed))
+        self.register_buffer("projection", performer_projection(num_heads, head_dim, num_features, seed, layer=layer))
 
     def output_dim(self, head_dim: int) -> int:
         return self.projection.shape[-1]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .spec import DataSpec, RecipeError
@@ -19,8 +19,14 @@ from .spec import DataSpec, RecipeError
 _FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
 
 
+PACKED = "packed:"  # a source of sentences packed into long documents (see PackSpec)
+
+
 def resolve_source(source: str) -> str:
-    """A ``shared:`` source as a local path (FileNotFoundError if the offline data folder lacks it)."""
+    """A ``shared:`` source as a local path (FileNotFoundError if the offline data folder lacks it); a ``packed:``
+    source resolves to its sentences' source."""
+    if source.startswith(PACKED):
+        source = source[len(PACKED):]
     if not source.startswith("shared:"):
         return source
     from ..data import data_dir
@@ -143,3 +149,84 @@ def read_text(source: str) -> str:
     if not text.strip():
         raise RecipeError(f"{source}: no text")
     return text
+
+
+# ---- long documents packed from short labelled sentences -----------------------------------------------------------
+@dataclass(frozen=True)
+class PackSpec:
+    """How ``packed:<source>`` builds long documents from a file of short labelled sentences (SST-2): each document
+    is sentences drawn at random from the split's rows, joined with spaces until it holds about ``doc_tokens``
+    tokens, with one of them (at a random place) wrapped in ``marker``; the document's label is the label of that
+    marked sentence, so a model must find it wherever it is. Deterministic from the recipe's seed; evaluation
+    documents are built from the evaluation rows only (their marked sentences and their filler). Written in a
+    recipe as ``data: {train: packed:shared:sst2/train.tsv, eval: packed:shared:sst2/dev.tsv, pack: {...}}``;
+    a plain long-text file (``--dataset docs.csv``, ``text``/``label`` columns) needs no packing."""
+
+    doc_tokens: int = 2048  # tokens per evaluation document (special tokens included)
+    train_doc_tokens: int | None = None  # tokens per training document (None: doc_tokens)
+    train_docs: int = 256
+    eval_docs: int = 128
+    marker: str = "@@"
+
+    @classmethod
+    def from_dict(cls, data: dict | None, where: str = "data: pack") -> "PackSpec":
+        from dataclasses import fields as _fields
+
+        data = dict(data or {})
+        accepted = [f.name for f in _fields(cls)]
+        unknown = sorted(set(data) - set(accepted))
+        if unknown:
+            raise RecipeError(f"{where}: unknown field(s) {unknown}; accepted: {accepted}")
+        spec = cls(**data)
+        for name in ("doc_tokens", "train_docs", "eval_docs", "train_doc_tokens"):
+            value = getattr(spec, name)
+            if name == "train_doc_tokens" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < (16 if "tokens" in name else 1):
+                low = 16 if "tokens" in name else 1
+                raise RecipeError(f"{where}: `{name}` must be an integer >= {low}, got {value!r}")
+        if not isinstance(spec.marker, str) or not spec.marker.strip():
+            raise RecipeError(f"{where}: `marker` must be a non-empty string, got {spec.marker!r}")
+        return spec
+
+
+def pack_documents(sentences: list[str], labels: list, lengths: list[int], *, n_docs: int, doc_tokens: int,
+                   marker: str, marker_tokens: int, seed: int, special_tokens: int = 2) -> dict[str, list]:
+    """``n_docs`` documents (``{"text": [...], "label": [...], "marked_token": [...], "tokens": [...]}``): each
+    holds sentences drawn with a seeded ``random.Random`` until one more would pass ``doc_tokens`` (``lengths``
+    are the sentences' token counts without special tokens; ``special_tokens`` are added once per document), one
+    of them wrapped in ``marker`` at a random place. The marked sentences are distinct while the rows last.
+    ``marked_token``: where the marked sentence starts, in tokens after the first special token."""
+    import random
+
+    if len(sentences) < 2:
+        raise RecipeError(f"packing documents needs at least 2 sentences, got {len(sentences)}")
+    rng = random.Random(seed)
+    order = list(range(len(sentences)))
+    rng.shuffle(order)
+    budget = doc_tokens - special_tokens
+    out: dict[str, list] = {"text": [], "label": [], "marked_token": [], "tokens": []}
+    for d in range(n_docs):
+        target = order[d % len(order)]
+        if lengths[target] + 2 * marker_tokens > budget:
+            raise RecipeError(f"a sentence of {lengths[target]} tokens does not fit a document of {doc_tokens} tokens")
+        used = lengths[target] + 2 * marker_tokens
+        filler = []
+        while True:
+            j = rng.randrange(len(sentences))
+            if j == target:
+                continue
+            if used + lengths[j] > budget:
+                break
+            filler.append(j)
+            used += lengths[j]
+        place = rng.randint(0, len(filler))
+        parts = [sentences[j] for j in filler[:place]]
+        start = sum(lengths[j] for j in filler[:place])
+        parts.append(f"{marker} {sentences[target]} {marker}")
+        parts += [sentences[j] for j in filler[place:]]
+        out["text"].append(" ".join(parts))
+        out["label"].append(labels[target])
+        out["marked_token"].append(start)
+        out["tokens"].append(used + special_tokens)
+    return out

@@ -44,6 +44,7 @@ class Schedule:
     transfer_lr: float = 1e-3
     transfer_batch_size: int = 16
     long_length: int = 512  # tokens (text) or image side in pixels (vision) for the long-input latency
+    max_positions: int | None = None  # text: extend the learned positions to this many (hf_reshape.extend_positions)
     latency_repeats: int = 5  # rounds of the side-by-side speed pass
     lora: bool = False
     lora_r: int = 8
@@ -66,6 +67,7 @@ class DataSpec:
     eval_fraction: float = 0.1  # seeded split of `train` when `eval` is not given
     hub_fallback: dict | None = None
     extra_eval: dict = field(default_factory=dict)  # name -> source, metric also reported on these
+    pack: dict | None = None  # `packed:<source>` documents: see hf_reshape.recipes.data.PackSpec
 
 
 @dataclass
@@ -113,6 +115,10 @@ class Recipe:
         if data["task"] not in TASKS:
             raise RecipeError(f"{source}: unknown task {data['task']!r}; accepted: {list(TASKS)}")
         data["data"] = _build(DataSpec, data["data"], f"{source}: data")
+        if data["data"].pack is not None:  # packed long documents: fields checked now (hf_reshape.recipes.data)
+            from .data import PackSpec
+
+            PackSpec.from_dict(data["data"].pack, f"{source}: data: pack")
         data["schedule"] = _build(Schedule, data.get("schedule") or {}, f"{source}: schedule")
         if data.get("pretrain") is not None:
             data["pretrain"] = _build(PretrainSpec, data["pretrain"], f"{source}: pretrain")

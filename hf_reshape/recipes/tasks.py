@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .data import PACKED, PackSpec, pack_documents
 from .data import check_columns, label_map, load_source, read_text, resolve_source, split_rows, text_split, with_fallback
 from .spec import Recipe, RecipeError
 
@@ -86,6 +87,22 @@ class Task:
         return train, evals, f"seeded {1 - spec.eval_fraction:.0%}/{spec.eval_fraction:.0%} split of one file"
 
 
+def extend_to_schedule(model, schedule):
+    """The model with its learned positions extended to the schedule's ``max_positions`` (when set and more than it
+    reads): the softmax baseline and every variant read the same positions (``hf_reshape.extend_positions``)."""
+    size = schedule.max_positions
+    if size is None:
+        return model
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise RecipeError(f"schedule: `max_positions` must be an integer >= 1 or null, got {size!r}")
+    import hf_reshape
+
+    current = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if current is not None and size != current:  # smaller than the model's: extend_positions refuses it
+        hf_reshape.extend_positions(model, max_positions=size)
+    return model
+
+
 class TextClassification(Task):
     name = "text-classification"
 
@@ -94,9 +111,13 @@ class TextClassification(Task):
 
         spec, label = with_fallback(self.recipe.data)
         train, evals, split = self._train_eval(spec, [spec.text_column, spec.label_column], contiguous=False)
-        to_id, id2label = label_map(train, evals, column=spec.label_column)
         path, _ = resolve_model(self.recipe.model)
         tok = AutoTokenizer.from_pretrained(path)
+        info = {"split": split}
+        if spec.train.startswith(PACKED):
+            train, evals, spec, info["packed"] = self._packed(spec, train, evals, tok)
+            label = f"{label}, packed into long documents"
+        to_id, id2label = label_map(train, evals, column=spec.label_column)
         n = self.schedule.max_length
 
         def encode(batch):
@@ -111,16 +132,50 @@ class TextClassification(Task):
         return TaskData(
             train=prep(train, self.schedule.max_train_samples), eval=prep(evals, self.schedule.max_eval_samples),
             collator=DataCollatorWithPadding(tok), num_labels=len(id2label), id2label=id2label,
-            dataset_label=label, processor=tok, info={"split": split},
+            dataset_label=label, processor=tok, info=info,
         )
+
+    def _packed(self, spec, train, evals, tok):
+        """Training and evaluation documents packed from the sentences of ``train`` and ``evals`` (each from its
+        own rows; :class:`~hf_reshape.recipes.data.PackSpec`), as ``text``/``label`` datasets."""
+        import datasets
+
+        pack = PackSpec.from_dict(spec.pack)
+        if spec.eval is not None and not spec.eval.startswith(PACKED):
+            raise RecipeError(f"data: `train` is packed ({spec.train!r}) but `eval` is not ({spec.eval!r}): give "
+                              f"`eval: {PACKED}<source>` too, or no `eval` (a seeded split of the sentences)")
+        limit = self.schedule.max_length
+        longest = max(pack.doc_tokens, pack.train_doc_tokens or 0)
+        if longest > limit:
+            raise RecipeError(f"data: pack: documents of {longest} tokens are longer than the schedule's max_length "
+                              f"{limit}: raise max_length (and max_positions) or shorten the documents")
+        marker_tokens = len(tok(pack.marker, add_special_tokens=False)["input_ids"])
+        special = len(tok("", add_special_tokens=True)["input_ids"])
+        built, notes = [], {}
+        for part, ds, n_docs, doc_tokens, seed in (
+            ("train", train, pack.train_docs, pack.train_doc_tokens or pack.doc_tokens, self.schedule.seed),
+            ("eval", evals, pack.eval_docs, pack.doc_tokens, self.schedule.seed + 1),
+        ):
+            sentences = [str(x).strip() for x in ds[spec.text_column]]
+            lengths = [len(x) for x in tok(sentences, add_special_tokens=False)["input_ids"]]
+            docs = pack_documents(sentences, list(ds[spec.label_column]), lengths, n_docs=n_docs,
+                                  doc_tokens=doc_tokens, marker=pack.marker, marker_tokens=marker_tokens, seed=seed,
+                                  special_tokens=special)
+            built.append(datasets.Dataset.from_dict({"text": docs["text"], "label": docs["label"]}))
+            notes[part] = {"documents": n_docs, "target_tokens": doc_tokens, "from_sentences": len(sentences),
+                           "mean_tokens": round(sum(docs["tokens"]) / n_docs, 1), "max_tokens": max(docs["tokens"]),
+                           "mean_marked_token": round(sum(docs["marked_token"]) / n_docs, 1)}
+        notes.update(marker=pack.marker, seed=self.schedule.seed)
+        return built[0], built[1], replace(spec, text_column="text", label_column="label"), notes
 
     def load_model(self, path: str, data: TaskData):
         from transformers import AutoModelForSequenceClassification
 
-        return AutoModelForSequenceClassification.from_pretrained(
+        model = AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=data.num_labels, id2label=data.id2label,
             label2id={v: k for k, v in data.id2label.items()},
         )
+        return extend_to_schedule(model, self.schedule)
 
     def metric(self, eval_output, predictions=None) -> float:
         return float(eval_output["eval_accuracy"])
@@ -214,7 +269,7 @@ class CausalLM(Task):
     def load_model(self, path: str, data: TaskData):
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(path)
+        return extend_to_schedule(AutoModelForCausalLM.from_pretrained(path), self.schedule)
 
     def metric(self, eval_output, predictions=None) -> float:
         return float(math.exp(min(eval_output["eval_loss"], 50.0)))
@@ -272,6 +327,9 @@ class ImageClassification(Task):
     def load_model(self, path: str, data: TaskData):
         from transformers import AutoModelForImageClassification
 
+        if self.schedule.max_positions is not None:
+            raise RecipeError("schedule: `max_positions` extends a text model's positions; an image model reads larger "
+                              "images through `long_length` (positions interpolated at run time): remove it")
         return AutoModelForImageClassification.from_pretrained(
             path, num_labels=data.num_labels, id2label=data.id2label,
             label2id={v: k for k, v in data.id2label.items()},

@@ -8,3 +8,4 @@ from . import performer  # noqa: F401
 from . import t2r  # noqa: F401
 from . import taylor  # noqa: F401
 from . import sink_window  # noqa: F401
+from . import block_sparse, strided  # noqa: F401

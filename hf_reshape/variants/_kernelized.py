@@ -74,6 +74,14 @@ def make_weights(kernel):
     return weights
 
 
+def kernel_flops(t: int, num_features: int, head_dim: int, *, map_matmul: int = 0) -> int:
+    """Useful forward FLOPs per head of linear attention over ``num_features`` features: ``phi(K)^T V`` and
+    ``phi(Q) S`` (``2 T F D`` each) and the normaliser ``phi(Q) z`` (``2 T F``), causal or not; plus the matmul of a
+    feature map that projects its inputs (``map_matmul`` output columns per token, for queries and keys:
+    ``2 T D map_matmul`` each). Elementwise work (exp, relu, products of coordinates) is not counted."""
+    return 4 * t * num_features * head_dim + 2 * t * num_features + 2 * 2 * t * head_dim * map_matmul
+
+
 def variant_functions(features, kernel) -> dict:
     """The keyword arguments of ``register_variant`` that these functions fill."""
     return {

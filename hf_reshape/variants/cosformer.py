@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from ..errors import SequenceTooLongError
 from ..ops.feature_maps import cosformer_features
 from ..registry import VariantParams, check_float, check_int, register_variant
-from ._kernelized import variant_functions
+from ._kernelized import kernel_flops, variant_functions
 
 
 @dataclass
@@ -76,6 +76,11 @@ def _prepare(params, facts):
     return params
 
 
+def flops(*, t, head_dim, num_heads, batch, causal, params):
+    """Useful forward FLOPs of linear attention over ``2 D`` features (``relu(x) cos``, ``relu(x) sin``)."""
+    return float(batch * num_heads * kernel_flops(t, 2 * head_dim, head_dim))
+
+
 register_variant(
     name="cosformer",
     family="linear",
@@ -87,4 +92,7 @@ register_variant(
     description="ReLU linear attention re-weighted by cos(pi (i - j) / 2M) (no dropout, no scaling)",
     small_params={"chunk_size": 4},
     paper="Qin et al. 2022, cosFormer: Rethinking Softmax in Attention (ICLR)",
+    cache_layer="linear_state",
+    flops=flops,
+    quick_params={},
 )

@@ -19,6 +19,7 @@ from ..ops import linear as linear_ops
 from ..ops.feature_maps import HedgehogFeatureMap, hedgehog_features
 from ..ops import naive
 from ..registry import VariantParams, check_float, check_int, register_variant
+from ._kernelized import kernel_flops
 
 
 @dataclass
@@ -91,6 +92,13 @@ def weights(q, k, v, *, mask, causal, scaling, params, map_q=None, map_k=None):
     return a / a.sum(-1, keepdim=True).clamp_min(params.eps)
 
 
+def flops(*, t, head_dim, num_heads, batch, causal, params):
+    """Useful forward FLOPs: the maps' ``x W`` (``F`` columns) for queries and keys, then linear attention over the
+    ``2 F`` features ``[softmax(x W), softmax(-x W)]``."""
+    f = params.feature_dim or head_dim
+    return float(batch * num_heads * kernel_flops(t, 2 * f, head_dim, map_matmul=f))
+
+
 register_variant(
     name="hedgehog",
     family="linear",
@@ -107,4 +115,7 @@ register_variant(
     description="linear attention with a learnable softmax feature map per head, trained to mimic softmax",
     small_params={"chunk_size": 4},
     paper="Zhang et al. 2024, The Hedgehog & the Porcupine (ICLR); Zhang et al. 2024, LoLCATs",
+    cache_layer="linear_state",
+    flops=flops,
+    quick_params={},
 )

@@ -7,6 +7,7 @@ from ..ops import naive
 from ..errors import InvalidParameterError
 from ..ops.feature_maps import FEATURE_MAPS, list_feature_maps
 from ..registry import VariantParams, check_choice, check_float, check_int, list_variants, register_variant
+from ._kernelized import kernel_flops
 
 
 @dataclass
@@ -49,6 +50,11 @@ def features(q, k, *, params, scaling, q_offset=0, k_offset=0):
     return phi(q), phi(k)
 
 
+def flops(*, t, head_dim, num_heads, batch, causal, params):
+    """Useful forward FLOPs (elementwise ``phi``: ``D`` features): ``4 T D^2 + 2 T D`` per head."""
+    return float(batch * num_heads * kernel_flops(t, head_dim, head_dim))
+
+
 register_variant(
     name="linear",
     family="linear",
@@ -61,4 +67,9 @@ register_variant(
     description="kernelized attention with phi = elu+1 or relu (no dropout, no scaling)",
     small_params={"feature_map": "elu", "chunk_size": 4},
     paper="Katharopoulos et al. 2020, Transformers are RNNs",
+    cache_layer="linear_state",
+    flops=flops,
+    bench_params={"feature_map": "elu"},
+    quick_params={"feature_map": "elu"},
+    demo_params={"feature_map": "elu"},
 )

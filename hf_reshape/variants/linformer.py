@@ -100,6 +100,12 @@ def _prepare(params, facts):
     return params
 
 
+def flops(*, t, head_dim, num_heads, batch, causal, params):
+    """Useful forward FLOPs: ``E K``, ``F V``, then ``Q (E K)^T`` and ``P (F V)``."""
+    kp, d = params.proj_len, head_dim
+    return float(batch * num_heads * (4 * kp * t * d + 4 * t * kp * d))
+
+
 register_variant(
     name="linformer",
     family="low_rank",
@@ -119,4 +125,8 @@ register_variant(
     weights=attention_weights.linformer_weights,
     weights_over_keys=False,
     fit_defaults=capped_default("proj_len", by="max_length", fact="max_positions"),
+    flops=flops,
+    bench_params={"proj_len": 256},  # max_length = T, set by the bench per size
+    quick_params={"proj_len": 16},
+    demo_params={"proj_len": 16},
 )

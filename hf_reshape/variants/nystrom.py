@@ -30,6 +30,14 @@ def _reference(q, k, v, *, mask, causal, scaling, params):
     )
 
 
+def flops(*, t, head_dim, num_heads, batch, causal, params):
+    """Useful forward FLOPs: ``Q Kl^T``, ``Ql Kl^T``, ``Ql K^T``, ``K3 V``, ``pinv(K2) (K3 V)``, ``K1 (...)``, and 4
+    ``m x m x m`` matmuls per Newton-Schulz step of the pseudo-inverse."""
+    m, d = min(params.num_landmarks, t), head_dim
+    per_head = 2 * t * m * d * 4 + 2 * m * m * d * 2 + params.pinv_iterations * 4 * 2 * m**3
+    return float(batch * num_heads * per_head)
+
+
 register_variant(
     name="nystrom",
     family="low_rank",
@@ -43,4 +51,8 @@ register_variant(
     description="Nyström approximation with m segment-mean landmarks (no dropout on its kernels)",
     small_params={"num_landmarks": 4},
     paper="Xiong et al. 2021, Nyströmformer",
+    flops=flops,
+    bench_params={"num_landmarks": 64},
+    quick_params={"num_landmarks": 8},
+    demo_params={"num_landmarks": 8},
 )

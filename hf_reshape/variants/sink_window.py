@@ -231,6 +231,21 @@ def _reference(q, k, v, *, mask, causal, scaling, params):
                                  window=params.window)
 
 
+def flops(*, t, head_dim, num_heads, batch, causal, params):
+    """Useful forward FLOPs: ``Q K^T`` and ``P V`` over the band's pairs plus, per query, the sinks outside its band
+    (those it may see: causal, only sinks at or before it), sinks taken as the first ``num_sink`` positions."""
+    from .sliding_window import band_pairs
+
+    s, w = min(params.num_sink, t), params.window
+    i = torch.arange(t, dtype=torch.long)
+    if causal:
+        extra = (i - w).clamp(0, s)  # sinks j < min(s, i - w): before the band
+    else:
+        extra = (i - w).clamp(0, s) + (s - (i + w + 1)).clamp(0, s)  # sinks before and after the band
+    pairs = band_pairs(t, w, causal) + int(extra.sum())
+    return float(batch * num_heads * 4 * pairs * head_dim)
+
+
 register_variant(
     name="sink_window",
     family="sparse",
@@ -244,4 +259,9 @@ register_variant(
     small_params={"num_sink": 2, "window": 3},
     paper="Xiao et al. 2024, StreamingLLM (attention sinks); Beltagy et al. 2020, Longformer",
     weights=sink_window_weights,
+    cache_layer="sink_window",
+    flops=flops,
+    bench_params={"num_sink": 4, "window": 256},
+    quick_params={"num_sink": 2, "window": 8},
+    demo_params={"num_sink": 2, "window": 8},
 )

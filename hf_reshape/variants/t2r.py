@@ -19,7 +19,7 @@ from torch import nn
 from ..errors import InvalidParameterError
 from ..ops.feature_maps import T2RFeatureMap, t2r_features
 from ..registry import VariantParams, check_float, check_int, register_variant
-from ._kernelized import variant_functions
+from ._kernelized import kernel_flops, variant_functions
 
 
 @dataclass
@@ -58,6 +58,12 @@ def kernel(q, k, *, params, scaling, q_offset=0, feature_weight=None, feature_bi
     return torch.matmul(fq, fk.transpose(-1, -2))
 
 
+def flops(*, t, head_dim, num_heads, batch, causal, params):
+    """Useful forward FLOPs: the map's ``x W`` for queries and keys, then linear attention over ``F`` features."""
+    f = params.feature_dim or head_dim
+    return float(batch * num_heads * kernel_flops(t, f, head_dim, map_matmul=f))
+
+
 register_variant(
     name="t2r",
     family="linear",
@@ -70,4 +76,7 @@ register_variant(
     description="linear attention with a learned relu(x W + b) feature map per head (starts as relu)",
     small_params={"chunk_size": 4},
     paper="Kasai et al. 2021, Finetuning Pretrained Transformers into RNNs (EMNLP)",
+    cache_layer="linear_state",
+    flops=flops,
+    quick_params={},
 )

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..ops import linear as linear_ops
-from ..ops.feature_maps import taylor_features, taylor_unit
+from ..ops.feature_maps import taylor_features, taylor_output_dim, taylor_unit
 from ..registry import VariantParams, check_float, check_int, register_variant
-from ._kernelized import variant_functions
+from ._kernelized import kernel_flops, variant_functions
 
 
 @dataclass
@@ -60,6 +60,12 @@ def _forward(q, k, v, *, mask, causal, scaling, params, dropout=0.0, training=Fa
     return out.to(v.dtype)
 
 
+def flops(*, t, head_dim, num_heads, batch, causal, params):
+    """Useful forward FLOPs of linear attention over the ``1 + D + D(D+1)/2`` Taylor features (the features
+    themselves are products of coordinates, not counted)."""
+    return float(batch * num_heads * kernel_flops(t, taylor_output_dim(head_dim), head_dim))
+
+
 register_variant(
     name="taylor",
     family="linear",
@@ -70,4 +76,7 @@ register_variant(
     description="linear attention with the 2nd-order Taylor kernel 1 + s q.k + (s q.k)^2/2 (Based)",
     small_params={"chunk_size": 4},
     paper="Arora et al. 2024, Simple linear attention language models balance the recall-throughput tradeoff (Based)",
+    cache_layer="linear_state",
+    flops=flops,
+    quick_params={},
 )

@@ -25,6 +25,12 @@ def _reference(q, k, v, *, mask, causal, scaling, params):
     return naive.topk_reference(q, k, v, mask=mask, causal=causal, scaling=scaling, top_k=params.top_k)
 
 
+def flops(*, t, head_dim, num_heads, batch, causal, params):
+    """Useful forward FLOPs: every allowed score, then ``P V`` over the ``top_k`` kept keys only."""
+    pairs = t * (t + 1) / 2 if causal else t * t
+    return float(batch * num_heads * (2 * pairs * head_dim + 2 * t * min(params.top_k, t) * head_dim))
+
+
 register_variant(
     name="topk",
     family="sparse",
@@ -38,4 +44,8 @@ register_variant(
     small_params={"top_k": 5},
     paper="Gupta et al. 2021, Memory-efficient Transformers via Top-k Attention; Wang et al. 2022, KVT",
     weights=attention_weights.topk_weights,
+    flops=flops,
+    bench_params={"top_k": 64},
+    quick_params={"top_k": 8},
+    demo_params={"top_k": 8},
 )
