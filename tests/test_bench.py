@@ -139,3 +139,21 @@ def test_quick_llama_model_level(tmp_path):
     assert all(r["cache_bytes"] > 0 and r["prefill_s"] > 0 for r in gen.values())
     md = (tmp_path / "bench.md").read_text()
     assert "Llama-shaped decoder (random weights" in md and "cache MiB at the end" in md
+
+
+def test_load_runs_busy_processes_beside_the_benchmark_and_says_so(tmp_path, monkeypatch):
+    import hf_reshape.bench.load as load
+
+    seen = []
+    real = load.competing_load
+
+    def spy(n):
+        seen.append(n)
+        return real(n)
+
+    monkeypatch.setattr(load, "competing_load", spy)
+    cli.main(["bench", "--quick", "--level", "op", "--sizes", "32", "--variants", "linear", "--no-memory",
+              "--forms", "bidirectional", "--modes", "fwd", "--load", "1", "--out", str(tmp_path)])
+    res = json.loads((tmp_path / "bench.json").read_text())
+    assert seen == [1] and res["machine"]["competing_processes"] == 1
+    assert "1 competing busy-loop processes ran beside it (`--load 1`)" in (tmp_path / "bench.md").read_text()

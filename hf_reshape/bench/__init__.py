@@ -132,6 +132,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--peers-python", default=peer_client.default_python(),
                    help="Python with the peer packages (env HF_RESHAPE_PEERS_PYTHON); unset: peers are skipped")
+    p.add_argument("--load", type=int, default=0, metavar="N",
+                   help="run N single-threaded busy-loop processes beside the whole benchmark (N = cores: how the "
+                        "ratios hold on a shared machine; hf_reshape.bench.load)")
     p.add_argument("--peers-max-T", type=int, default=4096, help="largest T for the peer comparison")
     g = p.add_argument_group("model level")
     g.add_argument("--models", nargs="+", choices=["bert", "vit", "gpt2", "llama"], default=["bert", "vit", "gpt2"],
@@ -195,7 +198,8 @@ def run(args: argparse.Namespace, command: str = "hf-reshape bench") -> dict:
         "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
                     "torch": torch.__version__, "transformers": transformers.__version__, "device": "cpu",
                     "python": platform.python_version(), "matmul_peak_gflops": peak, "matmul_n": matmul_n,
-                    "load_avg": " ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "-"},
+                    "load_avg": " ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "-",
+                    "competing_processes": getattr(args, "load", 0)},
         "settings": {"quick": args.quick, "rounds": rounds, "warmup": args.warmup, "variants": variants,
                      "quadratic_max_T": args.quadratic_max_T, "caps": {**op_bench.DEFAULT_CAPS, **caps}},
     }
@@ -258,5 +262,8 @@ def main(argv=None) -> None:
     """Entry point of ``hf-reshape bench`` (``hf_reshape.cli`` dispatches here)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
-    results = run(args, command="hf-reshape bench " + " ".join(shlex.quote(a) for a in argv))
+    from .load import competing_load
+
+    with competing_load(args.load):
+        results = run(args, command="hf-reshape bench " + " ".join(shlex.quote(a) for a in argv))
     print(_markdown(results))

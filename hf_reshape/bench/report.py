@@ -46,6 +46,11 @@ def _params(p):
     return ", ".join(f"{k}={v}" for k, v in (p or {}).items() if k != "max_length") or "-"
 
 
+def _competing(machine: dict) -> str:
+    n = machine.get("competing_processes")
+    return f"; {n} competing busy-loop processes ran beside it (`--load {n}`)" if n else ""
+
+
 def _table(header, rows):
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
@@ -113,7 +118,8 @@ def to_markdown(results: dict) -> str:
         f"`{results['command']}`", "",
         f"Machine: {m['cpu']} ({m['cores']} cores visible, {m['threads']} torch threads), torch {m['torch']}, "
         f"transformers {m['transformers']}, {m['device']}; measured fp32 matmul peak "
-        f"**{m['matmul_peak_gflops']:.0f} GFLOP/s** ({m['matmul_n']}^3). Load average at start {m['load_avg']}. "
+        f"**{m['matmul_peak_gflops']:.0f} GFLOP/s** ({m['matmul_n']}^3). Load average at start {m['load_avg']}"
+        f"{_competing(m)}. "
         f"{results['date']}; code: {results.get('code', 'unknown')}.", "",
         f"Times are medians over {results['settings']['rounds']} rounds in which all candidates of a row group run "
         "one after the other in rotating order; `(Nx)` is the median over rounds of SDPA's time / the candidate's "

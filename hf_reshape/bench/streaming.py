@@ -52,6 +52,7 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -286,7 +287,8 @@ def _summary(nll: torch.Tensor, trained: int, segments: int, seconds: float) -> 
 
 # ---- report ------------------------------------------------------------------------------------------------------
 def markdown(result: dict) -> str:
-    lines = [f"Model: {result['model']}; {result['threads']} threads; {result['machine']}.", ""]
+    lines = [f"Command: `{result['command']}`", ""] if result.get("command") else []
+    lines += [f"Model: {result['model']}; {result['threads']} threads; {result['machine']}.", ""]
     if "flat" in result:
         f = result["flat"]
         lines += [
@@ -370,7 +372,8 @@ def main(argv=None) -> int:
     model, tok, label = load_model(args.model, args.seed, args.config)
     result = {"model": label, "model_source": args.model or "random", "num_sink": args.num_sink,
               "window": args.window, "tokens": args.tokens, "seed": args.seed, "threads": torch.get_num_threads(),
-              "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"}
+              "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+              "command": "python -m hf_reshape.bench.streaming " + " ".join(sys.argv[1:] if argv is None else argv)}
     start = time.time()
     if args.ppl_tokens:
         if tok is None:
