@@ -374,3 +374,34 @@ def test_long_document_recipe_packs_marked_sentences_past_the_trained_positions(
     too_long = {**spec, "schedule": {**spec["schedule"], "max_length": 64}}
     with pytest.raises(RecipeError, match="longer than the schedule's max_length"):
         run(Recipe.from_dict(too_long), tmp_path / "bad2", cards=False)
+
+
+def test_the_same_hub_dataset_with_another_eval_split_reads_that_split(monkeypatch, tmp_path):
+    """bert-sst2's online fallback names stanfordnlp/sst2 for train and eval with `eval_split: validation`: the
+    validation split must be read, not a slice of the training rows."""
+    from types import SimpleNamespace
+
+    import datasets
+
+    from hf_reshape.recipes import tasks
+    from hf_reshape.recipes.spec import DataSpec
+
+    calls = []
+
+    def fake_load(source, split="train"):
+        calls.append((source, split))
+        return datasets.Dataset.from_dict({"text": [f"{split} {i}" for i in range(20)], "label": [i % 2 for i in range(20)]})
+
+    monkeypatch.setattr(tasks, "load_source", fake_load)
+    owner = SimpleNamespace(schedule=SimpleNamespace(seed=0))
+    spec = DataSpec(train="someorg/reviews", eval="someorg/reviews", train_split="train", eval_split="validation")
+    train, evals, how = tasks.Task._train_eval(owner, spec, ["text", "label"], contiguous=False)
+    assert calls == [("someorg/reviews", "train"), ("someorg/reviews", "validation")]
+    assert len(train) == 20 and set(evals["text"]) == {f"validation {i}" for i in range(20)}
+    # the same local file twice is one source: split by eval_fraction, not read twice
+    calls.clear()
+    f = tmp_path / "rows.csv"
+    f.write_text("text,label\n" + "".join(f"r{i},{i % 2}\n" for i in range(20)))
+    spec = DataSpec(train=str(f), eval=str(f), eval_fraction=0.25)
+    train, evals, how = tasks.Task._train_eval(owner, spec, ["text", "label"], contiguous=False)
+    assert len(calls) == 1 and (len(train), len(evals)) == (15, 5) and "split" in how

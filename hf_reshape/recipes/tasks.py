@@ -75,7 +75,7 @@ class Task:
         seeded random fraction."""
         train = load_source(spec.train, spec.train_split)
         check_columns(train, columns, spec.train)
-        if spec.eval and spec.eval != spec.train:
+        if _separate_eval(spec):
             evals = load_source(spec.eval, spec.eval_split)
             check_columns(evals, columns, spec.eval)
             return train, evals, "train/eval as given"
@@ -85,6 +85,16 @@ class Task:
                 f"train: first {cut} rows, eval: the last {len(train) - cut}"
         train, evals = split_rows(train, spec.eval_fraction, self.schedule.seed)
         return train, evals, f"seeded {1 - spec.eval_fraction:.0%}/{spec.eval_fraction:.0%} split of one file"
+
+
+def _separate_eval(spec) -> bool:
+    """Whether ``eval`` names rows of its own: another source, or the same Hub dataset with another split (e.g.
+    ``stanfordnlp/sst2`` train / validation). The same local file twice is one source, split by ``eval_fraction``."""
+    if not spec.eval:
+        return False
+    if spec.eval != spec.train:
+        return True
+    return not Path(resolve_source(spec.eval)).exists() and spec.eval_split != spec.train_split
 
 
 def extend_to_schedule(model, schedule):
