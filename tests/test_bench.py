@@ -157,3 +157,19 @@ def test_load_runs_busy_processes_beside_the_benchmark_and_says_so(tmp_path, mon
     res = json.loads((tmp_path / "bench.json").read_text())
     assert seen == [1] and res["machine"]["competing_processes"] == 1
     assert "1 competing busy-loop processes ran beside it (`--load 1`)" in (tmp_path / "bench.md").read_text()
+
+
+def test_goals_cover_the_catalogue_and_read_the_measured_ratio():
+    rows = [{"form": "bidirectional", "mode": "fwd", "candidate": "hedgehog", "T": 8192, "speedup_vs_sdpa": 25.0,
+             "median_s": 0.1},
+            {"form": "causal", "mode": "fwd", "candidate": "performer", "T": 8192, "speedup_vs_sdpa": 1.3,
+             "median_s": 0.1},
+            {"form": "bidirectional", "mode": "fwd", "candidate": "taylor", "T": 8192, "speedup_vs_sdpa": 2.6,
+             "median_s": 0.1}]
+    got = {g["goal"]: g["met"] for g in report.goals({"op": {"rows": rows, "memory": []}})}
+    assert got["hedgehog bidirectional fwd: >= 20x SDPA at T=8192"] is True
+    assert got["performer causal fwd: >= 4x SDPA at T=8192"] is False
+    assert got["taylor bidirectional fwd: >= 2.5x SDPA at T=8192"] is True
+    assert got["strided causal fwd+bwd: >= 3x SDPA at T=8192"] is None  # not measured
+    # every registered variant without a T x T tensor gets the growth-exponent goal when it is measured
+    assert {"block_sparse", "strided", "taylor", "performer"} <= set(report.subquadratic())
