@@ -405,3 +405,24 @@ def test_the_same_hub_dataset_with_another_eval_split_reads_that_split(monkeypat
     spec = DataSpec(train=str(f), eval=str(f), eval_fraction=0.25)
     train, evals, how = tasks.Task._train_eval(owner, spec, ["text", "label"], contiguous=False)
     assert len(calls) == 1 and (len(train), len(evals)) == (15, 5) and "split" in how
+
+
+def test_same_label_filler_packs_documents_of_one_sentiment():
+    from hf_reshape.recipes.data import PackSpec, pack_documents
+
+    sentences = [f"s{i}" for i in range(40)]
+    labels = [i % 2 for i in range(40)]
+    by_name = dict(zip(sentences, labels))
+    for filler in ("same_label", "any"):
+        docs = pack_documents(sentences, labels, [1] * 40, n_docs=12, doc_tokens=14, marker="@@", marker_tokens=1,
+                              seed=0, filler=filler)
+        mixed = 0
+        for text, label in zip(docs["text"], docs["label"]):
+            found = {by_name[w] for w in text.split() if w in by_name}
+            marked = text.split("@@")[1].split()[0]
+            assert by_name[marked] == label  # the marked sentence gives the label either way
+            mixed += len(found) > 1
+        # same_label: every sentence of a document has its label; any: some documents mix both
+        assert (mixed == 0) if filler == "same_label" else (mixed > 0)
+    with pytest.raises(RecipeError, match="`filler` must be one of"):
+        PackSpec.from_dict({"filler": "same-label"})

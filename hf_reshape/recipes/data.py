@@ -152,6 +152,9 @@ def read_text(source: str) -> str:
 
 
 # ---- long documents packed from short labelled sentences -----------------------------------------------------------
+FILLERS = ("any", "same_label")
+
+
 @dataclass(frozen=True)
 class PackSpec:
     """How ``packed:<source>`` builds long documents from a file of short labelled sentences (SST-2): each document
@@ -167,6 +170,9 @@ class PackSpec:
     train_docs: int = 256
     eval_docs: int = 128
     marker: str = "@@"
+    # "any": filler sentences of either label, so only the marked sentence tells the label (a retrieval task);
+    # "same_label": every sentence of a document shares the marked one's label (a long review of one sentiment)
+    filler: str = "any"
 
     @classmethod
     def from_dict(cls, data: dict | None, where: str = "data: pack") -> "PackSpec":
@@ -185,18 +191,22 @@ class PackSpec:
             if isinstance(value, bool) or not isinstance(value, int) or value < (16 if "tokens" in name else 1):
                 low = 16 if "tokens" in name else 1
                 raise RecipeError(f"{where}: `{name}` must be an integer >= {low}, got {value!r}")
+        if spec.filler not in FILLERS:
+            raise RecipeError(f"{where}: `filler` must be one of {list(FILLERS)}, got {spec.filler!r}")
         if not isinstance(spec.marker, str) or not spec.marker.strip():
             raise RecipeError(f"{where}: `marker` must be a non-empty string, got {spec.marker!r}")
         return spec
 
 
 def pack_documents(sentences: list[str], labels: list, lengths: list[int], *, n_docs: int, doc_tokens: int,
-                   marker: str, marker_tokens: int, seed: int, special_tokens: int = 2) -> dict[str, list]:
+                   marker: str, marker_tokens: int, seed: int, special_tokens: int = 2,
+                   filler: str = "any") -> dict[str, list]:
     """``n_docs`` documents (``{"text": [...], "label": [...], "marked_token": [...], "tokens": [...]}``): each
     holds sentences drawn with a seeded ``random.Random`` until one more would pass ``doc_tokens`` (``lengths``
     are the sentences' token counts without special tokens; ``special_tokens`` are added once per document), one
     of them wrapped in ``marker`` at a random place. The marked sentences are distinct while the rows last.
-    ``marked_token``: where the marked sentence starts, in tokens after the first special token."""
+    ``marked_token``: where the marked sentence starts, in tokens after the first special token. ``filler="same_label"``
+    draws the other sentences only among those with the marked sentence's label."""
     import random
 
     if len(sentences) < 2:
@@ -211,20 +221,20 @@ def pack_documents(sentences: list[str], labels: list, lengths: list[int], *, n_
         if lengths[target] + 2 * marker_tokens > budget:
             raise RecipeError(f"a sentence of {lengths[target]} tokens does not fit a document of {doc_tokens} tokens")
         used = lengths[target] + 2 * marker_tokens
-        filler = []
+        chosen = []
         while True:
             j = rng.randrange(len(sentences))
-            if j == target:
+            if j == target or (filler == "same_label" and labels[j] != labels[target]):
                 continue
             if used + lengths[j] > budget:
                 break
-            filler.append(j)
+            chosen.append(j)
             used += lengths[j]
-        place = rng.randint(0, len(filler))
-        parts = [sentences[j] for j in filler[:place]]
-        start = sum(lengths[j] for j in filler[:place])
+        place = rng.randint(0, len(chosen))
+        parts = [sentences[j] for j in chosen[:place]]
+        start = sum(lengths[j] for j in chosen[:place])
         parts.append(f"{marker} {sentences[target]} {marker}")
-        parts += [sentences[j] for j in filler[place:]]
+        parts += [sentences[j] for j in chosen[place:]]
         out["text"].append(" ".join(parts))
         out["label"].append(labels[target])
         out["marked_token"].append(start)

@@ -170,12 +170,12 @@ class TextClassification(Task):
             lengths = [len(x) for x in tok(sentences, add_special_tokens=False)["input_ids"]]
             docs = pack_documents(sentences, list(ds[spec.label_column]), lengths, n_docs=n_docs,
                                   doc_tokens=doc_tokens, marker=pack.marker, marker_tokens=marker_tokens, seed=seed,
-                                  special_tokens=special)
+                                  special_tokens=special, filler=pack.filler)
             built.append(datasets.Dataset.from_dict({"text": docs["text"], "label": docs["label"]}))
             notes[part] = {"documents": n_docs, "target_tokens": doc_tokens, "from_sentences": len(sentences),
                            "mean_tokens": round(sum(docs["tokens"]) / n_docs, 1), "max_tokens": max(docs["tokens"]),
                            "mean_marked_token": round(sum(docs["marked_token"]) / n_docs, 1)}
-        notes.update(marker=pack.marker, seed=self.schedule.seed)
+        notes.update(marker=pack.marker, filler=pack.filler, seed=self.schedule.seed)
         return built[0], built[1], replace(spec, text_column="text", label_column="label"), notes
 
     def load_model(self, path: str, data: TaskData):
