@@ -58,7 +58,8 @@ _RECURRENT_MODES = frozenset(
 
 
 class _ReshapeLayerMixin:
-    """What our two layer kinds share: a token counter and no rollback."""
+    """What our layer kinds share: a token counter, no rollback, and (for those that keep a ``_module`` and a
+    ``method``) the check that the layer they were built for is still there."""
 
     # `is_sliding` makes transformers size a model-wide mask from an exact layer, if the model still has one
     # (`masking_utils.find_first_full_attention_index`): the full mask is a superset, and the attention function
@@ -78,6 +79,23 @@ class _ReshapeLayerMixin:
             f"{type(self).__name__} keeps no past beyond its bounded state and cannot remove tokens; use a "
             "`DynamicCache` (pass `cache=DynamicCache(config=model.config)` to `generate`) for rollbacks"
         )
+
+    def _holder(self) -> ReshapedAttention:
+        """The live holder of the layer this cache layer was built for (``self._module()``, ``self.method``), or an
+        error when the model was reshaped again, unreshaped or switched to another attention implementation."""
+        module = self._module()
+        holder = None if module is None else getattr(module, STATE_ATTR, None)
+        if not isinstance(holder, ReshapedAttention) or holder.method != self.method:
+            raise RuntimeError(
+                f"this ReshapeCache was built for a `{self.method}` layer that is no longer there (the model was "
+                "reshaped again or unreshaped): start generation with a fresh cache"
+            )
+        if getattr(getattr(module, "config", None), "_attn_implementation", ATTN_IMPLEMENTATION) != ATTN_IMPLEMENTATION:
+            raise RuntimeError(
+                f"the model's attention implementation is {module.config._attn_implementation!r}, not "
+                f"{ATTN_IMPLEMENTATION!r}: a ReshapeCache only works with hf_reshape's attention function"
+            )
+        return holder
 
 
 class LinearRecurrentLayer(_ReshapeLayerMixin, CacheLayerMixin):
@@ -113,21 +131,6 @@ class LinearRecurrentLayer(_ReshapeLayerMixin, CacheLayerMixin):
         b, h, _, f = fk.shape
         self.state = torch.zeros(b, h, f, value.shape[-1], dtype=self.dtype, device=self.device)  # [B, H, F, Dv]
         self.norm = torch.zeros(b, h, f, dtype=self.dtype, device=self.device)  # [B, H, F]
-
-    def _holder(self) -> ReshapedAttention:
-        module = self._module()
-        holder = None if module is None else getattr(module, STATE_ATTR, None)
-        if not isinstance(holder, ReshapedAttention) or holder.method != self.method:
-            raise RuntimeError(
-                f"this ReshapeCache was built for a `{self.method}` layer that is no longer there (the model was "
-                "reshaped again or unreshaped): start generation with a fresh cache"
-            )
-        if getattr(getattr(module, "config", None), "_attn_implementation", ATTN_IMPLEMENTATION) != ATTN_IMPLEMENTATION:
-            raise RuntimeError(
-                f"the model's attention implementation is {module.config._attn_implementation!r}, not "
-                f"{ATTN_IMPLEMENTATION!r}: a ReshapeCache only works with hf_reshape's attention function"
-            )
-        return holder
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Count the new tokens and hand this layer to the attention call with the keys; the attention function
@@ -332,21 +335,6 @@ class SinkWindowLayer(_ReshapeLayerMixin, CacheLayerMixin):
         self.values = value_states.new_zeros(b, h, 0, value_states.shape[-1])
         self.window_ok = torch.zeros(b, 0, dtype=torch.bool, device=self.device)
         self.is_initialized = True
-
-    def _holder(self) -> ReshapedAttention:
-        module = self._module()
-        holder = None if module is None else getattr(module, STATE_ATTR, None)
-        if not isinstance(holder, ReshapedAttention) or holder.method != self.method:
-            raise RuntimeError(
-                f"this ReshapeCache was built for a `{self.method}` layer that is no longer there (the model was "
-                "reshaped again or unreshaped): start generation with a fresh cache"
-            )
-        if getattr(getattr(module, "config", None), "_attn_implementation", ATTN_IMPLEMENTATION) != ATTN_IMPLEMENTATION:
-            raise RuntimeError(
-                f"the model's attention implementation is {module.config._attn_implementation!r}, not "
-                f"{ATTN_IMPLEMENTATION!r}: a ReshapeCache only works with hf_reshape's attention function"
-            )
-        return holder
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Count the new tokens and hand this layer to the attention call with the keys (an alias of

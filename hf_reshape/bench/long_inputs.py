@@ -316,29 +316,26 @@ def main(argv=None) -> int:
         start = time.time()
         result = run_vit(args.vit_run, args.vit_factors, args.rounds, args.warmup, args.vit_eval, args.vit_batch)
         result["wall_s"] = round(time.time() - start, 1)
-        text = vit_markdown(result)
-        print(text)
-        if args.out:
-            os.makedirs(args.out, exist_ok=True)
-            with open(os.path.join(args.out, "vit_long_inputs.json"), "w", encoding="utf-8") as f:
-                json.dump(result, f, indent=2)
-            with open(os.path.join(args.out, "vit_long_inputs.md"), "w", encoding="utf-8") as f:
-                f.write(text)
+        _report(result, vit_markdown(result), args.out, "vit_long_inputs")
         return 0
     if max(args.sizes) > args.max_positions:
         p.error(f"--sizes go up to {max(args.sizes)}, past --max-positions {args.max_positions}")
     start = time.time()
     result = run(args.sizes, args.max_positions, args.rounds, args.warmup, args.cpu_time)
     result["wall_s"] = round(time.time() - start, 1)
-    text = markdown(result)
-    print(text)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "long_inputs.json"), "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
-        with open(os.path.join(args.out, "long_inputs.md"), "w", encoding="utf-8") as f:
-            f.write(text)
+    _report(result, markdown(result), args.out, "long_inputs")
     return 0
+
+
+def _report(result: dict, text: str, out: str | None, stem: str) -> None:
+    """Print the markdown and, with ``--out``, write ``{stem}.json`` and ``{stem}.md`` there."""
+    print(text)
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, f"{stem}.json"), "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+        with open(os.path.join(out, f"{stem}.md"), "w", encoding="utf-8") as f:
+            f.write(text)
 
 
 if __name__ == "__main__":
