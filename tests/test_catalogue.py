@@ -356,6 +356,56 @@ def test_taylor_never_holds_the_features_of_the_whole_sequence(monkeypatch, caus
     assert largest[0] == largest[1] < b * h * 256 * f / 2, largest  # half the features of T = 256
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("t", [1, 7, 16, 50], ids=lambda t: f"T{t}")
+def test_taylor_inference_paths_match_the_reference_across_segments(monkeypatch, causal, t):
+    """Without autograd ``taylor`` runs its own paths: feature-major slices of keys and queries in one reused buffer
+    (bidirectional), the exact kernel inside causal segments and the features across them. Forced to 5-row
+    slices and 4-row causal segments (T = 7, 50 cross them, unevenly; T = 16 lands on them), with no mask, right
+    and left padding, holes and a fully padded row (zeros, never NaN): equal to the float64 reference, and a
+    half-precision call agrees in float32."""
+    from hf_reshape.variants import taylor
+
+    b, h, d = 5, 2, 6
+    monkeypatch.setattr(taylor, "SEGMENT_BYTES", 4 * b * h * fm.taylor_output_dim(d) * 5)
+    monkeypatch.setattr(taylor, "CAUSAL_ROWS", 4)
+    q, k, v = (x.detach() for x in qkv(b, t, h, d, seed=3))
+    mask = torch.ones(b, t, dtype=torch.bool)
+    mask[1, t - max(1, t // 3):] = False
+    mask[2, : max(1, t // 2)] = False
+    mask[3] = False
+    mask[4, ::3] = False
+    for m in (None, mask):
+        with torch.no_grad():
+            fast = fn.attention(q, k, v, "taylor", attention_mask=m, is_causal=causal, scaling=0.4)
+            half = fn.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), "taylor", attention_mask=m,
+                                is_causal=causal, scaling=0.4)
+        ref = fn.reference(q, k, v, "taylor", attention_mask=m, is_causal=causal, scaling=0.4)
+        torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-12)
+        assert half.dtype == torch.bfloat16
+        torch.testing.assert_close(half.double(), ref, rtol=0.05, atol=0.05)
+        if m is not None:
+            assert torch.equal(fast[3], torch.zeros_like(fast[3]))
+
+
+def test_taylor_inference_path_is_the_one_taken_without_autograd(monkeypatch):
+    """The no-autograd call goes through the inference paths (not the chunked kernels), and a call with
+    autograd does not: a spy on each path's entry."""
+    from hf_reshape.variants import taylor
+
+    calls = []
+    for name in ("_bidirectional", "_causal"):
+        original = getattr(taylor, name)
+        monkeypatch.setattr(taylor, name, lambda *a, _o=original, _n=name: calls.append(_n) or _o(*a))
+    q, k, v = qkv(1, 9, 2, 4)
+    with torch.no_grad():
+        fn.attention(q, k, v, "taylor")
+        fn.attention(q, k, v, "taylor", is_causal=True)
+        fn.attention(q[..., -3:, :], k, v, "taylor", is_causal=True)  # queries after past keys: the chunked kernel
+    fn.attention(q, k, v, "taylor", is_causal=True).sum().backward()
+    assert calls == ["_bidirectional", "_causal"]
+
+
 def test_taylor_follows_the_models_softmax_scale():
     """``scaling`` is the softmax scale it expands: at small scores it is softmax to third order."""
     q, k, v = (x.detach() * 0.2 for x in qkv(1, 16, 2, 8, seed=4))

@@ -268,7 +268,7 @@ def test_performer_segmented_fast_path_matches_the_reference(causal, monkeypatch
     a padded row): outputs and gradients equal the materialised reference."""
     from hf_reshape.variants import performer
 
-    monkeypatch.setattr(performer, "SEGMENT_BYTES", 4 * 2 * 3 * 16 * 8)
+    monkeypatch.setattr(performer, "SEGMENT_BYTES", 4 * 3 * 3 * 16 * 8)  # b = h = 3, m = 16: 8 rows, 2 chunks
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(3, 3, 50, 8, generator=g, dtype=torch.float64) for _ in range(3))
     mask = torch.ones(3, 50, dtype=torch.bool)

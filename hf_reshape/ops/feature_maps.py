@@ -203,16 +203,38 @@ def taylor_features(x: torch.Tensor, scaling: float) -> torch.Tensor:
         ones = u.new_ones(()).expand(*u.shape[:-1], 1)
         return torch.cat([ones, u, quad * weight], -1)
     # no autograd: every piece written in place into one buffer (fresh memory costs page faults on first touch)
-    out = u.new_empty(*u.shape[:-1], taylor_output_dim(d))
-    out[..., 0] = 1.0
-    out[..., 1:d + 1] = u
+    return taylor_features_into(u, u.new_empty(*u.shape[:-1], taylor_output_dim(d)))
+
+
+def taylor_features_into(u: torch.Tensor, out: torch.Tensor, weighted: bool = True, dim: int = -1) -> torch.Tensor:
+    """The Taylor features of ``u`` (already scaled by ``sqrt(scaling)``) written into ``out`` and returned; no
+    autograd. ``dim`` is the axis of the head dimension in ``u`` and of the ``1 + D + D(D+1)/2`` features in
+    ``out``: ``-1`` gives token-major ``[..., T, F]``, ``-2`` feature-major ``[..., F, T]`` from ``u`` ``[..., D, T]``,
+    each product row then one contiguous block (measured 29-47 ms against 58-120 ms for token-major, T = 8192,
+    H = 12, D = 64, slices of 128-512 rows), the layout ``phi(K)^T V`` reads as is. A kernel that maps slice after
+    slice passes the same buffer each time: a fresh ``[rows, 2,145]`` slice is an ``mmap`` whose pages fault in on
+    first touch (57 ms against 146 ms for fresh buffers, same sizes).
+
+    ``weighted=False`` leaves the diagonal entries ``u_a^2`` unweighted (two indexing passes fewer): a kernel that
+    sums ``phi(k)^T v`` can instead halve the diagonal rows of its ``[F, D_v]`` sums once
+    (:func:`taylor_diagonal_features`), since ``(u_a^2 / sqrt(2)) (w_a^2 / sqrt(2)) = u_a^2 w_a^2 / 2``."""
+    d = u.shape[dim]
+    out.narrow(dim, 0, 1).fill_(1.0)
+    out.narrow(dim, 1, d).copy_(u)
     start = d + 1
     for a in range(d):
-        torch.mul(u[..., a:a + 1], u[..., a:], out=out[..., start:start + d - a])
+        torch.mul(u.narrow(dim, a, 1), u.narrow(dim, a, d - a), out=out.narrow(dim, start, d - a))
         start += d - a
-    quad = out[..., d + 1:]
-    quad[..., diagonal] = quad[..., diagonal] * weight[diagonal]
+    if weighted:
+        diagonal = taylor_diagonal_features(d, u.device)
+        out.index_copy_(dim, diagonal, out.index_select(dim, diagonal).mul_(0.5**0.5))
     return out
+
+
+def taylor_diagonal_features(d: int, device: torch.device) -> torch.Tensor:
+    """Indices, among the ``1 + D + D(D+1)/2`` Taylor features, of the diagonal products ``u_a^2`` (the entries
+    :func:`taylor_features` weights by ``1 / sqrt(2)``)."""
+    return _triangle(d, device, torch.float32)[0] + (d + 1)
 
 
 def taylor_unit(x: torch.Tensor) -> torch.Tensor:

@@ -178,9 +178,30 @@ def _causal(q, k, v, mask, projection, scaling, params, rows):
     return outs[0] if len(outs) == 1 else torch.cat(outs, -2)
 
 
+def _causal_inference(q, k, v, mask, projection, scaling, params, rows):
+    """Without autograd: segments of ``rows`` tokens mapped one at a time, each run chunk after chunk from the
+    running sums (:func:`hf_reshape.ops.linear.causal_linear_recurrent`), which carry on to the next segment."""
+    b, h, t, d_v = v.shape
+    m = projection.shape[-1]
+    work = torch.float32 if v.dtype in LOW_PRECISION else v.dtype
+    state1 = q.new_zeros(b * h, m, d_v + 1, dtype=work)
+    out = q.new_empty(b, h, t, d_v, dtype=work)
+    for s in range(0, t, rows):
+        fq = performer_features(q[..., s:s + rows, :], projection, scaling, query=True)
+        n = fq.shape[-2]
+        # padded keys enter through v1 = [v m, m], so their features need no masking
+        fk = performer_features(k[..., s:s + n, :], projection, scaling, query=False)
+        v1 = linear_ops._with_ones(v[..., s:s + n, :].to(work), None if mask is None else mask[:, s:s + n])
+        linear_ops.causal_linear_recurrent(fq.reshape(b * h, n, m), fk.reshape(b * h, n, m), v1.reshape(b * h, n, -1),
+                                           state1, chunk_size=params.chunk_size, eps=params.eps,
+                                           out=out[..., s:s + n, :].view(b * h, n, d_v))
+    return out
+
+
 def _forward(q, k, v, *, mask, causal, scaling, params, dropout=0.0, training=False, projection=None):
     """The fast path (no probability matrix to drop out). Causal, and bidirectional without autograd, map the
-    features segment by segment (:func:`_causal`, :func:`_bidirectional`); bidirectional under autograd maps them
+    features segment by segment (:func:`_causal` under autograd, :func:`_causal_inference` without,
+    :func:`_bidirectional`); bidirectional under autograd maps them
     once and runs the sliced linear kernel with an identity map; a decoder's call with past keys (``T_q < T_k``)
     takes the generic feature-map path."""
     _check(projection, params)
@@ -193,7 +214,7 @@ def _forward(q, k, v, *, mask, causal, scaling, params, dropout=0.0, training=Fa
                         training=training, projection=projection)
     mask = padding_or_none(mask)
     rows = _segment_rows(q, projection.shape[-1], params.chunk_size)
-    run = _causal if causal else _bidirectional
+    run = (_causal if grad else _causal_inference) if causal else _bidirectional
     return run(q, k, v, mask, projection, scaling, params, rows).to(v.dtype)
 
 
