@@ -55,6 +55,32 @@ def test_fast_path_matches_reference_across_block_boundaries(name, params, causa
             torch.testing.assert_close(a, r, atol=1e-9, rtol=1e-7)
 
 
+@pytest.mark.parametrize("stride", [1, 4, 7])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_strided_inference_path_matches_reference_across_block_boundaries(causal, stride, monkeypatch):
+    """Without autograd ``strided`` runs both parts through torch's fused CPU kernel and merges them by their
+    log-sum-exps (:func:`hf_reshape.ops.block_sparse._strided_inference`): equal to the reference at every size
+    around the stride, with every mask (a fully padded row gives zeros; the first causal column row has no strided
+    key), float32 and float64; a spy checks the path is the one taken."""
+    taken = []
+    original = ops._strided_inference
+    monkeypatch.setattr(ops, "_strided_inference", lambda *a, **kw: taken.append(1) or original(*a, **kw))
+    for t in SIZES:
+        for mask in masks(t):
+            b = 4 if mask is not None else 2
+            q, k, v = (x.detach() for x in qkv(b, t, seed=t))
+            kw = dict(attention_mask=mask, is_causal=causal, stride=stride)
+            ref = fn.reference(q, k, v, "strided", **kw)
+            with torch.no_grad():
+                fast = fn.attention(q, k, v, "strided", **kw)
+                single = fn.attention(q.float(), k.float(), v.float(), "strided", **kw)
+            torch.testing.assert_close(fast, ref, atol=1e-12, rtol=1e-10)
+            torch.testing.assert_close(single.double(), ref, atol=1e-5, rtol=1e-5)
+            if mask is not None:
+                assert torch.equal(fast[2], torch.zeros_like(fast[2]))
+    assert len(taken) == 2 * 2 * len(SIZES)
+
+
 @pytest.mark.parametrize("name,params", VARIANTS, ids=[v[0] for v in VARIANTS])
 def test_weights_times_values_equal_the_forward(name, params):
     q, k, v = (x.detach() for x in qkv(4, 17, seed=1))
