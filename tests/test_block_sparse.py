@@ -55,6 +55,38 @@ def test_fast_path_matches_reference_across_block_boundaries(name, params, causa
             torch.testing.assert_close(a, r, atol=1e-9, rtol=1e-7)
 
 
+BS_SHAPES = [BS, dict(block_size=4, num_global_blocks=2, num_random_blocks=0, seed=1),
+             dict(block_size=3, num_global_blocks=0, num_random_blocks=3, num_window_blocks=5, seed=2),
+             dict(block_size=2, num_global_blocks=1, num_random_blocks=1, num_window_blocks=1, seed=0)]
+
+
+@pytest.mark.parametrize("params", BS_SHAPES, ids=["default", "no-random", "no-global-wide", "window-1"])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_block_sparse_inference_path_matches_reference_across_block_boundaries(causal, params, monkeypatch):
+    """Without autograd the window, global and random slots are three calls of torch's fused CPU kernel (window
+    and global keys as views, random blocks gathered) merged by their log-sum-exps
+    (:func:`hf_reshape.ops.block_sparse._blocks_inference`): equal to the reference at every size around the block,
+    with every mask (a fully padded row gives zeros), with and without global or random blocks, float32 and
+    float64; a spy checks the path is the one taken."""
+    taken = []
+    original = ops._blocks_inference
+    monkeypatch.setattr(ops, "_blocks_inference", lambda *a, **kw: taken.append(1) or original(*a, **kw))
+    for t in SIZES:
+        for mask in masks(t):
+            b = 4 if mask is not None else 2
+            q, k, v = (x.detach() for x in qkv(b, t, seed=t))
+            kw = dict(attention_mask=mask, is_causal=causal, **params)
+            ref = fn.reference(q, k, v, "block_sparse", **kw)
+            with torch.no_grad():
+                fast = fn.attention(q, k, v, "block_sparse", **kw)
+                single = fn.attention(q.float(), k.float(), v.float(), "block_sparse", **kw)
+            torch.testing.assert_close(fast, ref, atol=1e-12, rtol=1e-10)
+            torch.testing.assert_close(single.double(), ref, atol=1e-5, rtol=1e-5)
+            if mask is not None:
+                assert torch.equal(fast[2], torch.zeros_like(fast[2]))
+    assert taken
+
+
 @pytest.mark.parametrize("stride", [1, 4, 7])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 def test_strided_inference_path_matches_reference_across_block_boundaries(causal, stride, monkeypatch):
