@@ -117,10 +117,10 @@ def test_topk_issue_reproducer_at_real_budget():
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 def test_linear_at_real_budgets_crosses_slices_and_segments(causal):
-    """Bidirectional slices of ~1 MiB and causal segments of ~4 MiB at their real sizes (wide heads keep T and
-    the reference small): 7 slices of 63 rows, 3 segments of 192 rows, with left padding."""
-    b, h, t, d = 1, 16, 400, 256
-    assert linear._bidirectional_rows(torch.zeros(b, h, t, d), d + 1) == 63
+    """Bidirectional slices and causal segments of ~4 MiB at their real sizes (wide heads keep T and the reference
+    small): 3 slices of up to 255 rows, 4 segments of up to 192 rows (both ragged last), with left padding."""
+    b, h, t, d = 1, 16, 600, 256
+    assert linear._bidirectional_rows(torch.zeros(b, h, t, d), d + 1) == 255
     assert linear._causal_segment(torch.zeros(b, h, t, d), d + 1, linear.DEFAULT_CHUNK) == 192
     mask = torch.ones(b, t, dtype=torch.bool)
     mask[0, :70] = False

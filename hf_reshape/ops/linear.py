@@ -1,7 +1,7 @@
 """Linearized attention fast paths: no ``T x T`` tensor and never a ``[T, D, D]`` one.
 
 Bidirectional: two matmuls per head, ``phi(K)^T V`` and ``phi(Q) (phi(K)^T V)`` (Katharopoulos et al. 2020),
-walked in slices of about 1 MiB by :class:`_BidirectionalChunked`, whose backward is written out.
+walked in slices of about 4 MiB by :class:`_BidirectionalChunked`, whose backward is written out.
 Causal: the chunked form used by flash-linear-attention's ``chunk`` kernels and by Yang et al. 2023 (GLA):
 inside a chunk of ``C`` tokens a masked ``C x C`` product, across chunks a running ``D x D_v`` state, so time
 is ``O(T C D + T D D_v)`` and memory ``O(T D + (T / C) D D_v)``.
@@ -41,8 +41,11 @@ from .feature_maps import FEATURE_MAP_GRADS, elu_plus_one
 
 DEFAULT_CHUNK = 64
 # bidirectional kernel: rows per step so that one [B, H, rows, D] fp32 slice is about this many bytes (small enough
-# to stay in cache and to be served from glibc's heap rather than a fresh mmap; measured 256 KiB .. 8 MiB)
-BIDIRECTIONAL_CHUNK_BYTES = 1 << 20
+# to be served from glibc's heap rather than a fresh mmap; measured 256 KiB .. 16 MiB). 1 MiB and 4 MiB are on a par
+# on a quiet machine (T = 8192 forward 26 / 27 ms, T = 16384 forward + backward 419-432 / 375-410 ms); beside one
+# busy process per core 4 MiB is 1.6x faster (167 -> 104 ms): a quarter of the ops, each of which waits for its
+# slowest thread. 16 MiB leaves the cache (49 ms quiet).
+BIDIRECTIONAL_CHUNK_BYTES = 4 << 20
 # causal kernel: segment length in bytes of one [B, H, rows, D] fp32 slice (the chunked kernel runs per segment)
 CAUSAL_SEGMENT_BYTES = 4 << 20
 
@@ -347,7 +350,7 @@ class _BidirectionalChunked(torch.autograd.Function):
     Why not autograd over two matmuls: at ``T = 16384`` every ``[B, H, T, D]`` intermediate autograd keeps
     (``phi(q)``, ``phi(k)``, the masked keys, the fused result, their gradients) is 48 MiB, past glibc's 32 MiB
     ceiling for reusing heap memory, so each is a fresh ``mmap`` whose pages fault in on first touch, and each
-    pass over it runs from DRAM. Slices of about 1 MiB stay in cache and in the heap: forward + backward went from
+    pass over it runs from DRAM. Slices of a few MiB stay in the heap: forward + backward went from
     a time exponent of 1.48 (T = 2048 -> 16384) to about 1 (``docs/bench``). Low-precision inputs are computed
     in float32 slice by slice, never upcast whole.
     """
