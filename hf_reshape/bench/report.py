@@ -279,11 +279,17 @@ def plot(results: dict, path) -> str | None:
     forms = [f for f in ("bidirectional", "causal") if any(k[0] == f for k in idx)]
     if not forms:
         return None
-    fig, axes = plt.subplots(len(forms), 3, figsize=(15, 4.6 * len(forms)), squeeze=False)
+    panels = [(mode, what) for mode, what in [("fwd", "time"), ("fwd+bwd", "time"), ("fwd+bwd", "memory")]
+              if any((idx if what == "time" else mem).get((f, mode)) for f in forms)]  # only panels with data
+    fig, axes = plt.subplots(len(forms), len(panels), figsize=(5 * len(panels) + 2, 4.6 * len(forms)), squeeze=False)
     names = sorted({c for k in idx for c in idx[k]}, key=lambda c: (c not in ("sdpa", "eager"), c))
-    colors = {c: plt.cm.tab10(i % 10) for i, c in enumerate(names)}
+    # 20 colours and 5 markers: no two of up to 100 candidates share both (tab10 repeated after 10 and the catalogue
+    # has 14 variants beside SDPA and eager)
+    colors = {c: plt.cm.tab20(i % 20) for i, c in enumerate(names)}
+    colors.update({"sdpa": "black", "eager": "dimgray"})  # the baselines, dashed
+    markers = {c: "osD^v"[(i // 4) % 5] for i, c in enumerate(names)}
     for i, form in enumerate(forms):
-        for j, (mode, what) in enumerate([("fwd", "time"), ("fwd+bwd", "time"), ("fwd+bwd", "memory")]):
+        for j, (mode, what) in enumerate(panels):
             ax = axes[i][j]
             source = idx if what == "time" else mem
             for c in names:
@@ -293,7 +299,7 @@ def plot(results: dict, path) -> str | None:
                 if pts:
                     xs, ys = zip(*pts)
                     ys = [y * 1e3 for y in ys] if what == "time" else [y / MIB for y in ys]
-                    ax.plot(xs, ys, marker="o", ms=3, label=c, color=colors[c],
+                    ax.plot(xs, ys, marker=markers[c], ms=4, label=c, color=colors[c],
                             linestyle="--" if c in ("sdpa", "eager") else "-")
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
@@ -301,11 +307,16 @@ def plot(results: dict, path) -> str | None:
             ax.set_ylabel("ms" if what == "time" else "MiB above inputs")
             ax.set_title(f"{form}, {mode}: {what}")
             ax.grid(True, which="both", alpha=0.3)
-            if i == 0 and j == 0:
-                ax.legend(fontsize=8)
+    handles, labels = [], []
+    for ax in axes.flat:  # one legend beside the panels, with every candidate any panel drew
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    fig.legend(handles, labels, loc="center right", fontsize=9)
     fig.suptitle("hf_reshape op-level benchmark: [B=1, H=12, T, D=64] fp32" if not results["settings"].get("quick")
                  else "hf_reshape op-level benchmark (--quick)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1 - 1.6 / (5 * len(panels) + 2), 1))
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return str(path)
