@@ -388,6 +388,41 @@ def test_taylor_inference_paths_match_the_reference_across_segments(monkeypatch,
             assert torch.equal(fast[3], torch.zeros_like(fast[3]))
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("t", [1, 7, 16, 50], ids=lambda t: f"T{t}")
+def test_hedgehog_inference_maps_slices_and_matches_the_reference(monkeypatch, causal, t):
+    """Without autograd ``hedgehog`` maps 8-row slices (chunks of 3 inside causal segments: ragged both ways) through
+    :func:`hf_reshape.ops.linear.mapped_linear_inference`; trained-looking maps, padding, holes and a fully padded
+    row (zeros): equal to the float64 reference; bf16 agrees; the path is the one taken."""
+    from hf_reshape.variants import hedgehog
+
+    b, h, d = 4, 2, 6
+    monkeypatch.setattr(hedgehog, "SEGMENT_BYTES", 4 * b * h * 2 * d * 8)
+    taken = []
+    original = linear_ops.mapped_linear_inference
+    monkeypatch.setattr(linear_ops, "mapped_linear_inference", lambda *a, **kw: taken.append(1) or original(*a, **kw))
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (x.detach() for x in qkv(b, t, h, d, seed=7))
+    state = {n: (x + 0.3 * torch.randn(x.shape, generator=g)).double().detach()
+             for n, x in fn.init_state("hedgehog", num_heads=h, head_dim=d).items()}
+    mask = torch.ones(b, t, dtype=torch.bool)
+    mask[1, : max(1, t // 2)] = False
+    mask[2] = False
+    mask[3, ::3] = False
+    for m in (None, mask):
+        kw = dict(attention_mask=m, is_causal=causal, chunk_size=3, **state)
+        with torch.no_grad():
+            fast = fn.attention(q, k, v, "hedgehog", **kw)
+            half = fn.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), "hedgehog", attention_mask=m,
+                                is_causal=causal, chunk_size=3, **{n: x.float() for n, x in state.items()})
+        ref = fn.reference(q, k, v, "hedgehog", **kw)
+        torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(half.double(), ref, rtol=0.05, atol=0.05)
+        if m is not None:
+            assert torch.equal(fast[2], torch.zeros_like(fast[2]))
+    assert len(taken) == 4
+
+
 def test_taylor_inference_path_is_the_one_taken_without_autograd(monkeypatch):
     """The no-autograd call goes through the inference paths (not the chunked kernels), and a call with
     autograd does not: a spy on each path's entry."""

@@ -173,6 +173,50 @@ def causal_linear_recurrent(fq, fk, v1, state1, *, chunk_size, eps, out):
     return out
 
 
+def mapped_linear_inference(q, k, v, *, mask, causal, phi_q, phi_k, eps, chunk_size, rows):
+    """Linear attention without autograd for a variant whose queries and keys have maps of their own (``phi_q``,
+    ``phi_k``: ``[B, H, n, D] -> [B, H, n, F]``, applied to ``rows`` tokens at a time, so the features of the whole
+    sequence never exist; fresh ``[T, F]`` buffers are mmaps that fault in on every call). Bidirectional:
+    ``S = sum_j phi_k(k_j)^T v_j`` and ``z = sum_j phi_k(k_j)`` over slices of keys (padded keys zeroed), then
+    ``phi_q(q) [S, z]`` per slice of queries. Causal (``T_q = T_k``): segment after segment through
+    :func:`causal_linear_recurrent`, the running state carried over. Returns ``[B, H, T_q, D_v]`` in float32 for
+    half-precision values. Used by ``performer`` and ``hedgehog``."""
+    b, h, t_q, _ = q.shape
+    t_k, d_v = k.shape[-2], v.shape[-1]
+    work = torch.float32 if v.dtype in LOW_PRECISION else v.dtype
+    out = q.new_empty(b, h, t_q, d_v, dtype=work)
+    if causal:
+        state1 = None
+        for s in range(0, t_q, rows):
+            fq = phi_q(q[..., s:s + rows, :])
+            n, f = fq.shape[-2], fq.shape[-1]
+            fk = phi_k(k[..., s:s + n, :])  # padded keys enter through v1 = [v m, m]: no masking needed
+            v1 = _with_ones(v[..., s:s + n, :].to(work), None if mask is None else mask[:, s:s + n])
+            if state1 is None:
+                state1 = fq.new_zeros(b * h, f, d_v + 1)
+            causal_linear_recurrent(fq.reshape(b * h, n, f), fk.reshape(b * h, n, f), v1.reshape(b * h, n, -1),
+                                    state1, chunk_size=chunk_size, eps=eps, out=out[..., s:s + n, :].view(b * h, n, d_v))
+        return out
+    kv = z = None
+    for s in range(0, t_k, rows):
+        fk = phi_k(k[..., s:s + rows, :])
+        n, f = fk.shape[-2], fk.shape[-1]
+        if mask is not None:
+            fk = fk.mul_(mask[:, None, s:s + n, None].to(fk.dtype))  # a padded key adds to neither sum
+        if kv is None:  # contiguous: baddbmm_ into a strided view runs per head
+            kv, z = fk.new_zeros(b * h, f, d_v), fk.new_zeros(b * h, f, 1)
+        fk = fk.reshape(b * h, n, f)
+        kv.baddbmm_(fk.transpose(1, 2), v[..., s:s + n, :].to(work).reshape(b * h, n, d_v))
+        z += fk.sum(1).unsqueeze(-1)
+    s1 = torch.cat([kv, z], -1)  # [BH, F, Dv + 1]: S and z side by side, one product per slice gives both
+    for s in range(0, t_q, rows):
+        fq = phi_q(q[..., s:s + rows, :])
+        n, f = fq.shape[-2], fq.shape[-1]
+        o1 = torch.bmm(fq.reshape(b * h, n, f), s1)
+        out[..., s:s + n, :] = o1[..., :-1].div_(o1[..., -1:].clamp_min(eps)).view(b, h, n, d_v)
+    return out
+
+
 def _rows_within(nbytes, q, e):
     """Rows of one ``[B, H, rows, max(D, E)]`` fp32 slice of about ``nbytes`` (``q`` gives ``B, H, D``)."""
     b, h, _, d = q.shape

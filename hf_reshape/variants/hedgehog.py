@@ -18,6 +18,7 @@ from ..errors import InvalidParameterError
 from ..ops import linear as linear_ops
 from ..ops.feature_maps import HedgehogFeatureMap, hedgehog_features
 from ..ops import naive
+from ..ops.common import padding_or_none
 from ..registry import VariantParams, check_float, check_int, register_variant
 from ._kernelized import kernel_flops
 
@@ -65,8 +66,24 @@ def features(q, k, *, params, scaling, q_offset=0, k_offset=0, map_q=None, map_k
     return feature_map(q, map_q), feature_map(k, map_k)
 
 
+# Bytes of one [B, H, rows, 2F] fp32 slice of features that inference maps at a time (the features of the whole
+# sequence are two fresh [T, 2F] buffers, mmaps that fault in on every call).
+SEGMENT_BYTES = 8 << 20
+
+
 def _forward(q, k, v, *, mask, causal, scaling, params, dropout=0.0, training=False, map_q=None, map_k=None):
+    """Without autograd, the maps run slice by slice (:func:`hf_reshape.ops.linear.mapped_linear_inference`); with
+    it, once over the sequence, then the linear kernels (which carry their own backward)."""
     _check(map_q, map_k)
+    t_q, t_k = q.shape[-2], k.shape[-2]
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, map_q, map_k))
+    if not grad and 0 not in q.shape and 0 not in k.shape and (not causal or t_q == t_k):
+        b, h = q.shape[:2]
+        rows = max(params.chunk_size, SEGMENT_BYTES // (4 * b * h * 2 * map_q.shape[-1]))
+        out = linear_ops.mapped_linear_inference(
+            q, k, v, mask=padding_or_none(mask), causal=causal, eps=params.eps, chunk_size=params.chunk_size,
+            rows=rows, phi_q=lambda x: feature_map(x, map_q), phi_k=lambda x: feature_map(x, map_k))
+        return out.to(v.dtype)
     fq, fk = feature_map(q, map_q), feature_map(k, map_k)
     out = linear_ops.linear_attention(fq, fk, v, mask=mask, causal=causal, phi=_identity, eps=params.eps,
                                       chunk_size=params.chunk_size)

@@ -20,6 +20,7 @@ checkpoint: it starts again from zero after a reload or a move to another device
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, field
 
@@ -27,7 +28,7 @@ import torch
 
 from ..errors import InvalidParameterError
 from ..ops import linear as linear_ops
-from ..ops.common import LOW_PRECISION, autograd_records, padding_or_none
+from ..ops.common import autograd_records, padding_or_none
 from ..ops.feature_maps import PerformerFeatureMap, performer_features, performer_projection
 from ..registry import VariantParams, check_float, check_int, register_variant
 from ._kernelized import kernel_flops, variant_functions
@@ -132,30 +133,13 @@ def _key_features(k, v, mask, projection, scaling):
     return fk, v.to(fk.dtype)
 
 
-def _bidirectional(q, k, v, mask, projection, scaling, params, rows):
-    """Without autograd: the features exist one slice of rows at a time (``[B, H, rows, m]``, in cache), never for
-    the whole sequence: ``S1 = sum_j phi(k_j)^T [v_j, 1]`` slice by slice, then ``out = phi(q) S1`` normalised."""
-    b, h, t_k, _ = k.shape
-    m = projection.shape[-1]
-    work = torch.float32 if v.dtype in LOW_PRECISION else v.dtype
-    kv = q.new_zeros(b * h, m, v.shape[-1], dtype=work)  # contiguous: baddbmm_ into a strided view runs per head
-    z = q.new_zeros(b * h, m, 1, dtype=work)
-    for s in range(0, t_k, rows):
-        fk, v_s = _key_features(k[..., s:s + rows, :], v[..., s:s + rows, :],
-                                None if mask is None else mask[:, s:s + rows], projection, scaling)
-        n = fk.shape[-2]
-        fk = fk.reshape(b * h, n, m)
-        kv.baddbmm_(fk.transpose(1, 2), v_s.reshape(b * h, n, -1))
-        z += fk.sum(1).unsqueeze(-1)
-    s1 = torch.cat([kv, z], -1)  # [BH, m, Dv + 1]: S and z side by side, one bmm per slice gives both
-    out = v.new_empty(*q.shape[:-1], v.shape[-1])
-    for s in range(0, q.shape[-2], rows):
-        fq = performer_features(q[..., s:s + rows, :], projection, scaling, query=True)
-        n = fq.shape[-2]
-        o1 = torch.bmm(fq.reshape(b * h, n, m), s1)
-        num, den = o1[..., :-1], o1[..., -1:].clamp_min(params.eps)
-        out[..., s:s + n, :] = num.div_(den).view(b, h, n, -1)
-    return out
+def _inference(q, k, v, mask, projection, scaling, params, rows, causal):
+    """Without autograd: the features exist one slice of ``rows`` tokens at a time, never for the whole sequence
+    (:func:`hf_reshape.ops.linear.mapped_linear_inference`; causal: chunk after chunk from one running state)."""
+    return linear_ops.mapped_linear_inference(
+        q, k, v, mask=mask, causal=causal, eps=params.eps, chunk_size=params.chunk_size, rows=rows,
+        phi_q=functools.partial(performer_features, projection=projection, scaling=scaling, query=True),
+        phi_k=functools.partial(performer_features, projection=projection, scaling=scaling, query=False))
 
 
 def _causal(q, k, v, mask, projection, scaling, params, rows):
@@ -178,30 +162,10 @@ def _causal(q, k, v, mask, projection, scaling, params, rows):
     return outs[0] if len(outs) == 1 else torch.cat(outs, -2)
 
 
-def _causal_inference(q, k, v, mask, projection, scaling, params, rows):
-    """Without autograd: segments of ``rows`` tokens mapped one at a time, each run chunk after chunk from the
-    running sums (:func:`hf_reshape.ops.linear.causal_linear_recurrent`), which carry on to the next segment."""
-    b, h, t, d_v = v.shape
-    m = projection.shape[-1]
-    work = torch.float32 if v.dtype in LOW_PRECISION else v.dtype
-    state1 = q.new_zeros(b * h, m, d_v + 1, dtype=work)
-    out = q.new_empty(b, h, t, d_v, dtype=work)
-    for s in range(0, t, rows):
-        fq = performer_features(q[..., s:s + rows, :], projection, scaling, query=True)
-        n = fq.shape[-2]
-        # padded keys enter through v1 = [v m, m], so their features need no masking
-        fk = performer_features(k[..., s:s + n, :], projection, scaling, query=False)
-        v1 = linear_ops._with_ones(v[..., s:s + n, :].to(work), None if mask is None else mask[:, s:s + n])
-        linear_ops.causal_linear_recurrent(fq.reshape(b * h, n, m), fk.reshape(b * h, n, m), v1.reshape(b * h, n, -1),
-                                           state1, chunk_size=params.chunk_size, eps=params.eps,
-                                           out=out[..., s:s + n, :].view(b * h, n, d_v))
-    return out
-
-
 def _forward(q, k, v, *, mask, causal, scaling, params, dropout=0.0, training=False, projection=None):
     """The fast path (no probability matrix to drop out). Causal, and bidirectional without autograd, map the
-    features segment by segment (:func:`_causal` under autograd, :func:`_causal_inference` without,
-    :func:`_bidirectional`); bidirectional under autograd maps them
+    features segment by segment (:func:`_causal` under autograd, :func:`_inference` without); bidirectional under
+    autograd maps them
     once and runs the sliced linear kernel with an identity map; a decoder's call with past keys (``T_q < T_k``)
     takes the generic feature-map path."""
     _check(projection, params)
@@ -214,8 +178,9 @@ def _forward(q, k, v, *, mask, causal, scaling, params, dropout=0.0, training=Fa
                         training=training, projection=projection)
     mask = padding_or_none(mask)
     rows = _segment_rows(q, projection.shape[-1], params.chunk_size)
-    run = (_causal if grad else _causal_inference) if causal else _bidirectional
-    return run(q, k, v, mask, projection, scaling, params, rows).to(v.dtype)
+    if causal and grad:
+        return _causal(q, k, v, mask, projection, scaling, params, rows).to(v.dtype)
+    return _inference(q, k, v, mask, projection, scaling, params, rows, causal).to(v.dtype)
 
 
 def flops(*, t, head_dim, num_heads, batch, causal, params):
