@@ -60,57 +60,40 @@ BS_SHAPES = [BS, dict(block_size=4, num_global_blocks=2, num_random_blocks=0, se
              dict(block_size=2, num_global_blocks=1, num_random_blocks=1, num_window_blocks=1, seed=0)]
 
 
-@pytest.mark.parametrize("params", BS_SHAPES, ids=["default", "no-random", "no-global-wide", "window-1"])
+INFERENCE = [("block_sparse", p, "_blocks_inference") for p in BS_SHAPES] + \
+    [("strided", {"stride": st}, "_strided_inference") for st in (1, 4, 7)]
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
-def test_block_sparse_inference_path_matches_reference_across_block_boundaries(causal, params, monkeypatch):
-    """Without autograd the window, global and random slots are three calls of torch's fused CPU kernel (window
-    and global keys as views, random blocks gathered) merged by their log-sum-exps
-    (:func:`hf_reshape.ops.block_sparse._blocks_inference`): equal to the reference at every size around the block,
-    with every mask (a fully padded row gives zeros), with and without global or random blocks, float32 and
-    float64; a spy checks the path is the one taken."""
+@pytest.mark.parametrize("name,params,path", INFERENCE, ids=["block_sparse-default", "block_sparse-no-random",
+                                                           "block_sparse-no-global-wide", "block_sparse-window-1",
+                                                           "strided-1", "strided-4", "strided-7"])
+def test_inference_path_matches_reference_across_block_boundaries(name, params, path, causal, monkeypatch):
+    """Without autograd both variants run their parts through torch's fused CPU kernel and merge them by their
+    log-sum-exps: ``block_sparse`` its window and global slots as views and its random slots gathered
+    (:func:`hf_reshape.ops.block_sparse._blocks_inference`, with and without global or random blocks), ``strided``
+    its local band and its columns (:func:`hf_reshape.ops.block_sparse._strided_inference`). Equal to the reference
+    at every size around the block or stride, with every mask (a fully padded row gives zeros; the first causal
+    column row has no strided key), float32 and float64; a spy checks the path is the one taken."""
     taken = []
-    original = ops._blocks_inference
-    monkeypatch.setattr(ops, "_blocks_inference", lambda *a, **kw: taken.append(1) or original(*a, **kw))
+    original = getattr(ops, path)
+    monkeypatch.setattr(ops, path, lambda *a, **kw: taken.append(1) or original(*a, **kw))
     for t in SIZES:
         for mask in masks(t):
             b = 4 if mask is not None else 2
             q, k, v = (x.detach() for x in qkv(b, t, seed=t))
             kw = dict(attention_mask=mask, is_causal=causal, **params)
-            ref = fn.reference(q, k, v, "block_sparse", **kw)
+            ref = fn.reference(q, k, v, name, **kw)
             with torch.no_grad():
-                fast = fn.attention(q, k, v, "block_sparse", **kw)
-                single = fn.attention(q.float(), k.float(), v.float(), "block_sparse", **kw)
+                fast = fn.attention(q, k, v, name, **kw)
+                single = fn.attention(q.float(), k.float(), v.float(), name, **kw)
             torch.testing.assert_close(fast, ref, atol=1e-12, rtol=1e-10)
             torch.testing.assert_close(single.double(), ref, atol=1e-5, rtol=1e-5)
             if mask is not None:
                 assert torch.equal(fast[2], torch.zeros_like(fast[2]))
+    if name == "strided":  # one call per forward; block_sparse calls once per sequence of a padded batch
+        assert len(taken) == 2 * 2 * len(SIZES)
     assert taken
-
-
-@pytest.mark.parametrize("stride", [1, 4, 7])
-@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
-def test_strided_inference_path_matches_reference_across_block_boundaries(causal, stride, monkeypatch):
-    """Without autograd ``strided`` runs both parts through torch's fused CPU kernel and merges them by their
-    log-sum-exps (:func:`hf_reshape.ops.block_sparse._strided_inference`): equal to the reference at every size
-    around the stride, with every mask (a fully padded row gives zeros; the first causal column row has no strided
-    key), float32 and float64; a spy checks the path is the one taken."""
-    taken = []
-    original = ops._strided_inference
-    monkeypatch.setattr(ops, "_strided_inference", lambda *a, **kw: taken.append(1) or original(*a, **kw))
-    for t in SIZES:
-        for mask in masks(t):
-            b = 4 if mask is not None else 2
-            q, k, v = (x.detach() for x in qkv(b, t, seed=t))
-            kw = dict(attention_mask=mask, is_causal=causal, stride=stride)
-            ref = fn.reference(q, k, v, "strided", **kw)
-            with torch.no_grad():
-                fast = fn.attention(q, k, v, "strided", **kw)
-                single = fn.attention(q.float(), k.float(), v.float(), "strided", **kw)
-            torch.testing.assert_close(fast, ref, atol=1e-12, rtol=1e-10)
-            torch.testing.assert_close(single.double(), ref, atol=1e-5, rtol=1e-5)
-            if mask is not None:
-                assert torch.equal(fast[2], torch.zeros_like(fast[2]))
-    assert len(taken) == 2 * 2 * len(SIZES)
 
 
 @pytest.mark.parametrize("name,params", VARIANTS, ids=[v[0] for v in VARIANTS])

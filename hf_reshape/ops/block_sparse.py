@@ -244,8 +244,7 @@ def block_sparse_attention(q, k, v, *, mask=None, causal=False, scaling, block_s
         allowed = allowed & key_ok & q_ok
     allowed = allowed.reshape(allowed.shape[0], n, bs, slots * bs)[:, g0:]
     blocks = _gathered_sdpa
-    if p == 0.0 and q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64) and \
-            not any(autograd_records(x) for x in (q, k, v)):
+    if _fused_kernel_applies(q, k, v, p):
         half = (num_window_blocks - 1) // 2
         blocks = functools.partial(_blocks_inference, half=half, causal=causal,
                                    num_global=min(num_global_blocks, n))
@@ -280,22 +279,61 @@ def block_sparse_attention(q, k, v, *, mask=None, causal=False, scaling, block_s
     return out
 
 
+def _fused_kernel_applies(q, k, v, dropout_p) -> bool:
+    """Whether the inference paths (:func:`_blocks_inference`, :func:`_strided_inference`) may run: no autograd
+    (the fused kernel has no gradient for its log-sum-exp), no dropout, CPU, one float32/64 dtype."""
+    return dropout_p == 0.0 and q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64) and \
+        q.dtype == k.dtype == v.dtype and not any(autograd_records(x) for x in (q, k, v))
+
+
+def _fused_part(q, k, v, ok, scaling):
+    """One call of torch's fused CPU attention kernel (``_scaled_dot_product_flash_attention_for_cpu``, which reads
+    strided views) under the bool mask ``ok`` (broadcastable to the scores): the output and the log-sum-exp of each
+    row, ``-inf`` where the row allows no key (the kernel reports 0 there, and a zero output)."""
+    bias = torch.zeros(ok.shape, dtype=q.dtype, device=q.device).masked_fill_(~ok, float("-inf"))
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=bias,
+                                                                           scale=scaling)
+    return out, lse.masked_fill(~ok.any(-1), float("-inf"))
+
+
+def _merge_parts(outs, lses):
+    """Attention over the union of disjoint key sets from each set's output and log-sum-exp (all the same shape,
+    ``[..., Dv]`` and ``[...]``): ``sum_p exp(lse_p - lse) out_p`` with ``lse`` the log-sum-exp over the parts; a
+    row with no key in any part gets zeros. Writes into ``outs[0]``."""
+    lse_all = torch.stack(lses)
+    total = torch.logsumexp(lse_all, 0)
+    total = torch.where(torch.isfinite(total), total, 0.0)  # no key at all: every weight exp(-inf) = 0
+    weights = torch.exp(lse_all - total)[..., None]
+    out = outs[0].mul_(weights[0])
+    for o, wt in zip(outs[1:], weights[1:]):
+        out.addcmul_(o, wt)
+    return out
+
+
+def _gather_blocks(k, v, idx, bs):
+    """Keys and values of the key blocks ``idx`` ``[nq, K]`` for every query block, ``[nq, X, K * bs, D or Dv]``,
+    from ``k, v`` ``[X, n * bs, D]`` laid out block-major, ``[n * X, bs * D]`` (one row per (block, head)), with one
+    ``index_select`` along dim 0: row copies, and a backward (``index_add`` along dim 0) measured about twice as fast
+    on CPU as indexing the block axis of ``[X, n, bs * D]`` in place."""
+    x, tp, d = (int(t) for t in k.shape)
+    dv = int(v.shape[-1])
+    n, nq, slots = tp // bs, int(idx.shape[0]), int(idx.shape[1])
+    rows = (idx[:, None, :] * x + torch.arange(x, device=k.device)[None, :, None]).flatten()  # [nq, X, K]
+    kt = k.reshape(x, n, bs * d).transpose(0, 1).reshape(n * x, bs * d)
+    vt = v.reshape(x, n, bs * dv).transpose(0, 1).reshape(n * x, bs * dv)
+    return kt.index_select(0, rows).view(nq, x, slots * bs, d), vt.index_select(0, rows).view(nq, x, slots * bs, dv)
+
+
 def _gathered_sdpa(q, k, v, idx, allowed, bs, g0, scaling, dropout_p, empty_rows):
     """Query blocks ``g0 ..`` of ``q, k, v`` (``[X, n * bs, D]``, ``X`` heads of one sequence or all sequences' heads)
     against their key-block slots ``idx`` (``[n - g0, K]``) under ``allowed`` (``[n - g0, bs, K * bs]``), one SDPA
-    call. Keys and values are laid out block-major, ``[n * X, bs * D]`` (one row per (block, head)), and the rows
-    every query block needs are taken with one ``index_select`` along dim 0 into ``[n - g0, X, K * bs, D]``: row
-    copies, and a backward (``index_add`` along dim 0) measured about twice as fast on CPU as indexing the block
-    axis of ``[X, n, bs * D]`` in place. Blocks are SDPA's batch, heads its heads (the mask broadcast over them).
+    call. The key blocks every query block needs are gathered into ``[n - g0, X, K * bs, D]``
+    (:func:`_gather_blocks`). Blocks are SDPA's batch, heads its heads (the mask broadcast over them).
     Returns ``[X, (n - g0) * bs, Dv]``."""
     x, tp, d = (int(s) for s in q.shape)
     dv = int(v.shape[-1])
-    n, nq, slots = tp // bs, int(idx.shape[0]), int(idx.shape[1])
-    rows = (idx[:, None, :] * x + torch.arange(x, device=q.device)[None, :, None]).flatten()  # [nq, X, K]
-    kt = k.reshape(x, n, bs * d).transpose(0, 1).reshape(n * x, bs * d)
-    vt = v.reshape(x, n, bs * dv).transpose(0, 1).reshape(n * x, bs * dv)
-    kg = kt.index_select(0, rows).view(nq, x, slots * bs, d)
-    vg = vt.index_select(0, rows).view(nq, x, slots * bs, dv)
+    n, nq = tp // bs, int(idx.shape[0])
+    kg, vg = _gather_blocks(k, v, idx, bs)
     qn = q.reshape(x, n, bs, d)[:, g0:].transpose(0, 1)  # [nq, X, bs, D]
     mask = allowed[:, None]  # [nq, 1, bs, K * bs]
     if empty_rows:
@@ -335,29 +373,10 @@ def _blocks_inference(q, k, v, idx, allowed, bs, g0, scaling, dropout_p, empty_r
         glob = lambda t, e: t.as_strided((nq, x, num_global * bs, e), (0, tp * e, e, 1))  # noqa: E731
         parts.append((glob(k.contiguous(), d), glob(v.contiguous(), dv), w, w + num_global))
     if slots > w + num_global:
-        rand = idx[:, w + num_global:]
-        r = int(rand.shape[1])
-        rows = (rand[:, None, :] * x + torch.arange(x, device=q.device)[None, :, None]).flatten()
-        kt = k.reshape(x, n, bs * d).transpose(0, 1).reshape(n * x, bs * d)
-        vt = v.reshape(x, n, bs * dv).transpose(0, 1).reshape(n * x, bs * dv)
-        parts.append((kt.index_select(0, rows).view(nq, x, r * bs, d), vt.index_select(0, rows).view(nq, x, r * bs, dv),
-                      w + num_global, slots))
-    outs, lses = [], []
-    for kk, vv, a, b in parts:
-        ok = allowed[..., a * bs:b * bs]  # [nq, bs, keys]
-        bias = torch.zeros(ok.shape, dtype=q.dtype, device=q.device).masked_fill_(~ok, float("-inf"))[:, None]
-        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qn, kk, vv, 0.0, False, attn_mask=bias,
-                                                                            scale=scaling)
-        outs.append(o)  # [nq, X, bs, Dv]
-        lses.append(lse.masked_fill(~ok.any(-1)[:, None], float("-inf")))  # [nq, X, bs]
-    lse_all = torch.stack(lses)
-    total = torch.logsumexp(lse_all, 0)
-    total = torch.where(torch.isfinite(total), total, 0.0)  # no key at all: every weight exp(-inf) = 0
-    weights = torch.exp(lse_all - total)[..., None]  # [P, nq, X, bs, 1]
-    out = outs[0].mul_(weights[0])
-    for o, wt in zip(outs[1:], weights[1:]):
-        out.addcmul_(o, wt)
-    return out.transpose(0, 1).reshape(x, nq * bs, dv)
+        parts.append((*_gather_blocks(k, v, idx[:, w + num_global:], bs), w + num_global, slots))
+    # [nq, X, bs, Dv] and [nq, X, bs] per part; the slots' mask [nq, 1, bs, keys] broadcast over the heads
+    outs, lses = zip(*(_fused_part(qn, kk, vv, allowed[:, None, :, a * bs:b * bs], scaling) for kk, vv, a, b in parts))
+    return _merge_parts(list(outs), list(lses)).transpose(0, 1).reshape(x, nq * bs, dv)
 
 
 def block_sparse_pairs(t, *, block_size, num_global_blocks, num_random_blocks, num_window_blocks, seed, causal):
@@ -422,40 +441,22 @@ def strided_attention(q, k, v, *, mask=None, causal=False, scaling, stride, drop
         probs = masked_softmax(torch.matmul(q, k.transpose(-1, -2)) * scaling, allowed)
         return torch.matmul(dropout_probs(probs, dropout, training), v)
     mask = padding_or_none(mask)
-    if not any(autograd_records(x) for x in (q, k, v)) and q.dtype in (torch.float32, torch.float64) and \
-            q.dtype == k.dtype == v.dtype and q.device.type == "cpu":
+    if _fused_kernel_applies(q, k, v, dropout if training else 0.0):
         return _strided_inference(q, k, v, mask=mask, causal=causal, scaling=scaling, stride=stride)
     bsz, h, t, d = (int(x) for x in q.shape)
     dv = int(v.shape[-1])
-    s = min(stride, t)
-    n = math.ceil(t / s)
-    tp = n * s
-    left, right = s, (0 if causal else s)
-    span = left + s + right
-    # keys / values / key mask with `s` zero slots before (and after, bidirectional) the padded sequence
-    kp = F.pad(k, (0, 0, left, tp - t + right))
-    vp = F.pad(v, (0, 0, left, tp - t + right))
-    real = torch.ones(1, t, dtype=torch.bool, device=q.device) if mask is None else mask.bool()
-    key_ok = F.pad(real, (left, tp - t + right))  # [B or 1, left + tp + right]
+    s, n, tp, kp, vp, local_ok, col_ok = _strided_layout(k, v, mask, causal, stride)
+    left, span = s, local_ok.shape[-1]  # `s` zero slots before the keys; the band's width
     qp = F.pad(q * scaling, (0, 0, 0, tp - t))  # the scale folded into the queries: T x D, not the scores
     qb = qp.view(bsz, h, n, s, d)
     kw = kp.unfold(2, span, s)  # [B, H, n, D, span]: block g sees keys g * s - s .. g * s + 2s (causal: + s)
     vw = vp.unfold(2, span, s).transpose(-1, -2)  # [B, H, n, span, Dv]
-    c = torch.arange(s, device=q.device)[:, None]
-    u = torch.arange(span, device=q.device)[None, :]
-    rel = c + left - u  # i - j
-    band = ((rel >= 0) & (rel < s)) if causal else (rel.abs() < s)  # [s, span]
-    local_ok = band[None, None] & key_ok.unfold(1, span, s)[:, :, None, :]  # [B or 1, n, s, span]
     # scores are fresh matmul results that no backward reads: masked, shifted and exponentiated in place
     local = torch.matmul(qb, kw).masked_fill_(~local_ok[:, None], float("-inf"))  # [B, H, n, s, span]
     # strided part along the columns of the [n, s] view: query (r, c) meets keys (r', c), r' < r (causal) or r' != r
     qc = qb.transpose(2, 3)  # [B, H, s, n, D]
     kc = kp[:, :, left : left + tp].view(bsz, h, n, s, d).transpose(2, 3)
     vc = vp[:, :, left : left + tp].view(bsz, h, n, s, dv).transpose(2, 3)
-    r = torch.arange(n, device=q.device)
-    other = (r[:, None] > r[None, :]) if causal else (r[:, None] != r[None, :])  # [n, n]
-    col_key_ok = key_ok[:, left : left + tp].view(-1, n, s).transpose(1, 2)  # [B or 1, s, n]
-    col_ok = other[None, None] & col_key_ok[:, :, None, :]  # [B or 1, s, n, n]
     col = torch.matmul(qc, kc.transpose(-1, -2)).masked_fill_(~col_ok[:, None], float("-inf"))  # [B, H, s, n, n]
     # log-sum-exp merge: one (detached) row maximum over both parts, the sum of both parts' exponentials
     with torch.no_grad():
@@ -473,19 +474,13 @@ def strided_attention(q, k, v, *, mask=None, causal=False, scaling, stride, drop
     return out.reshape(bsz, h, tp, dv)[:, :, :t]
 
 
-def _strided_inference(q, k, v, *, mask, causal, scaling, stride):
-    """Strided attention without autograd (CPU, float32/64), ``T_q = T_k``: the local band through torch's fused
-    CPU attention kernel (``_scaled_dot_product_flash_attention_for_cpu``, blocks of ``stride`` queries against
-    the ``2 stride`` / ``3 stride`` keys around them, an additive band mask), which returns its log-sum-exp, so the
-    ``[T, span]`` local scores are never materialised; the strided part along the columns of the ``[n, stride]``
-    view as in :func:`strided_attention` (``[stride, n, n]`` scores, small); the two merged through their
-    log-sum-exps: ``out = sum_p exp(lse_p - lse) out_p``, ``lse = logaddexp(lse_local, lse_strided)``. The fused
-    kernel has no gradient for its log-sum-exp output, so training takes :func:`strided_attention`'s own path.
-    A row with no allowed key in a part gets ``lse = -inf`` there (the kernel reports 0 for it), and a row with
-    none at all a zero output. Measured T = 8192, H = 12, D = 64, stride 128 (fp32, 2 threads), forward: 300 ms
-    bidirectional through the materialised local scores, about 150 ms here (``docs/bench``)."""
-    bsz, h, t, d = (int(x) for x in q.shape)
-    dv = int(v.shape[-1])
+def _strided_layout(k, v, mask, causal, stride):
+    """What both strided paths cut the sequence into: ``s = min(stride, T)``, ``n`` rows of the ``[n, s]`` view,
+    ``tp = n s``; keys and values padded with ``s`` zero slots before (and after, bidirectional) the padded sequence,
+    ``[B, H, s + tp (+ s), D]``; the local band's mask ``[B or 1, n, s, span]`` (query block ``g`` against keys
+    ``g s - s .. g s + 2 s``, causal ``.. g s + s``) and the strided columns' mask ``[B or 1, s, n, n]`` (query
+    ``(r, c)`` against keys ``(r', c)``, ``r' < r`` causal, ``r' != r`` bidirectional), both with key padding."""
+    t = int(k.shape[-2])
     s = min(stride, t)
     n = math.ceil(t / s)
     tp = n * s
@@ -493,43 +488,49 @@ def _strided_inference(q, k, v, *, mask, causal, scaling, stride):
     span = left + s + right
     kp = F.pad(k, (0, 0, left, tp - t + right))
     vp = F.pad(v, (0, 0, left, tp - t + right))
-    real = torch.ones(1, t, dtype=torch.bool, device=q.device) if mask is None else mask.bool()
+    real = torch.ones(1, t, dtype=torch.bool, device=k.device) if mask is None else mask.bool()
     key_ok = F.pad(real, (left, tp - t + right))  # [B or 1, left + tp + right]
-    qb = (F.pad(q, (0, 0, 0, tp - t)) if tp > t else q.contiguous()).view(bsz, h, n, s, d)
-    c = torch.arange(s, device=q.device)[:, None]
-    u = torch.arange(span, device=q.device)[None, :]
+    c = torch.arange(s, device=k.device)[:, None]
+    u = torch.arange(span, device=k.device)[None, :]
     rel = c + left - u  # i - j
     band = ((rel >= 0) & (rel < s)) if causal else (rel.abs() < s)  # [s, span]
     local_ok = band[None, None] & key_ok.unfold(1, span, s)[:, :, None, :]  # [B or 1, n, s, span]
-    bias = torch.zeros(local_ok.shape, dtype=q.dtype, device=q.device).masked_fill_(~local_ok, float("-inf"))
-    kb = bsz if bias.shape[0] > 1 else 1
-    bias = bias[:, None].expand(kb, h, n, s, span).reshape(kb * h, n, s, span) if kb > 1 else bias
+    r = torch.arange(n, device=k.device)
+    other = (r[:, None] > r[None, :]) if causal else (r[:, None] != r[None, :])  # [n, n]
+    col_key_ok = key_ok[:, left : left + tp].view(-1, n, s).transpose(1, 2)  # [B or 1, s, n]
+    col_ok = other[None, None] & col_key_ok[:, :, None, :]  # [B or 1, s, n, n]
+    return s, n, tp, kp, vp, local_ok, col_ok
+
+
+def _strided_inference(q, k, v, *, mask, causal, scaling, stride):
+    """Strided attention without autograd (CPU, float32/64), ``T_q = T_k``: the local band through torch's fused
+    CPU attention kernel (:func:`_fused_part`: blocks of ``stride`` queries against the ``2 stride`` / ``3 stride``
+    keys around them), which returns its log-sum-exp, so the ``[T, span]`` local scores are never materialised; the
+    strided part the same way along the columns of the ``[n, stride]`` view (the columns as the kernel's heads,
+    queries, keys and values as transposed views); the two merged through their log-sum-exps (:func:`_merge_parts`).
+    The fused kernel has no gradient for its log-sum-exp output, so training takes :func:`strided_attention`'s own
+    path. A row with no key at all gets a zero output. Measured T = 8192, H = 12, D = 64, stride 128 (fp32,
+    2 threads), forward: 300 ms bidirectional through the materialised local scores, about 150 ms here
+    (``docs/bench``)."""
+    bsz, h, t, d = (int(x) for x in q.shape)
+    dv = int(v.shape[-1])
+    s, n, tp, kp, vp, local_ok, col_ok = _strided_layout(k, v, mask, causal, stride)
+    span = local_ok.shape[-1]
+    qb = (F.pad(q, (0, 0, 0, tp - t)) if tp > t else q.contiguous()).view(bsz * h, n, s, d)
+
+    def per_head(ok):  # a mask over [B or 1, ...] broadcast over the kernel's B H batch
+        return ok[:, None].expand(bsz, h, *ok.shape[1:]).flatten(0, 1) if ok.shape[0] > 1 else ok
+
     # [B H, n, s or span, D]: the n blocks as the kernel's heads; keys and values as overlapping windows of the
     # padded sequence, a view the kernel reads as is (measured 85 ms against 143 ms with contiguous copies)
     kw = kp.unfold(2, span, s).transpose(-1, -2).flatten(0, 1)
     vw = vp.unfold(2, span, s).transpose(-1, -2).flatten(0, 1)
-    out_local, lse_local = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        qb.view(bsz * h, n, s, d), kw, vw, 0.0, False, attn_mask=bias, scale=scaling)
-    lse_local = lse_local.view(bsz, h, n, s).masked_fill(~local_ok.any(-1)[:, None], float("-inf"))
-    # strided part, the same kernel along the columns of the [n, s] view (the s columns as its heads): query (r, c)
-    # meets keys (r', c), r' < r (causal) or r' != r; queries, keys and values as transposed views
-    r = torch.arange(n, device=q.device)
-    other = (r[:, None] > r[None, :]) if causal else (r[:, None] != r[None, :])  # [n, n]
-    col_key_ok = key_ok[:, left : left + tp].view(-1, n, s).transpose(1, 2)  # [B or 1, s, n]
-    col_ok = other[None, None] & col_key_ok[:, :, None, :]  # [B or 1, s, n, n]
-    col_bias = torch.zeros(col_ok.shape, dtype=q.dtype, device=q.device).masked_fill_(~col_ok, float("-inf"))
-    col_bias = col_bias[:, None].expand(kb, h, s, n, n).reshape(kb * h, s, n, n) if kb > 1 else col_bias
-    out_col, lse_col = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        qb.view(bsz * h, n, s, d).transpose(1, 2), kp[:, :, left : left + tp].view(bsz * h, n, s, d).transpose(1, 2),
-        vp[:, :, left : left + tp].view(bsz * h, n, s, dv).transpose(1, 2), 0.0, False, attn_mask=col_bias,
-        scale=scaling)
-    lse_col = lse_col.view(bsz, h, s, n).masked_fill(~col_ok.any(-1)[:, None], float("-inf"))
-    out_col = out_col.view(bsz, h, s, n, dv).transpose(2, 3)  # [B, H, n, s, Dv]
-    lse_col = lse_col.transpose(2, 3)
-    lse = torch.logaddexp(lse_local, lse_col)
-    lse = torch.where(torch.isfinite(lse), lse, 0.0)  # no key at all: both weights exp(-inf) = 0
-    out = out_local.view(bsz, h, n, s, dv).mul_(torch.exp(lse_local - lse)[..., None])
-    out.addcmul_(out_col, torch.exp(lse_col - lse)[..., None])
+    out_local, lse_local = _fused_part(qb, kw, vw, per_head(local_ok), scaling)
+    kc = kp[:, :, s : s + tp].view(bsz * h, n, s, d).transpose(1, 2)
+    vc = vp[:, :, s : s + tp].view(bsz * h, n, s, dv).transpose(1, 2)
+    out_col, lse_col = _fused_part(qb.transpose(1, 2), kc, vc, per_head(col_ok), scaling)
+    out = _merge_parts([out_local.view(bsz, h, n, s, dv), out_col.view(bsz, h, s, n, dv).transpose(2, 3)],
+                       [lse_local.view(bsz, h, n, s), lse_col.view(bsz, h, s, n).transpose(2, 3)])
     return out.reshape(bsz, h, tp, dv)[:, :, :t]
 
 

@@ -123,26 +123,19 @@ def linear_attention(q, k, v, *, mask=None, causal=False, phi, eps=1e-6, chunk_s
     # [B, H, T, *] buffers that at long T are fresh mmaps faulted in on every call. split (not indexing) keeps
     # the backward to one cat per input.
     seg = _causal_segment(q, max(v.shape[-1] + 1, _feature_dim(phi, q.shape[-1])), chunk_size)
+    if not any(autograd_records(x) for x in (q, k, v)):
+        # Without autograd: chunk after chunk from one running state (causal_linear_recurrent), no per-chunk
+        # states. Measured T = 8192, H = 12, D_v = 64, causal forward of the kernel on F features: F = 64
+        # 45 -> 31 ms, F = 128 68 -> 45 ms, F = 256 176 -> 87 ms.
+        mapped = lambda x: upcast(_feature_map(phi, x))[0]  # noqa: E731
+        out = mapped_linear_inference(q, k, v, mask=mask, causal=True, phi_q=mapped, phi_k=mapped, eps=eps,
+                                      chunk_size=chunk_size, rows=seg, state1=state1)
+        return out.to(out_dtype)
     masks = [None] * math.ceil(t_q / seg) if mask is None else mask.split(seg, -1)
     outs = []
-    # Without autograd: chunk after chunk from one running state (causal_linear_recurrent), no per-chunk states.
-    # Measured T = 8192, H = 12, D_v = 64, causal forward of the kernel on F features: F = 64 45 -> 31 ms,
-    # F = 128 68 -> 45 ms, F = 256 176 -> 87 ms.
-    inference = not any(autograd_records(x) for x in (q, k, v))
-    running = None
     for q_s, k_s, v_s, m_s in zip(q.split(seg, -2), k.split(seg, -2), v.split(seg, -2), masks):
         fq, fk, v_s = upcast(_feature_map(phi, q_s), _feature_map(phi, k_s), v_s)
         v1 = _with_ones(v_s, m_s)  # [B, H, n, Dv + 1]; a padded key contributes nothing to either sum
-        if inference:
-            b, h, n, f = fq.shape
-            e = v1.shape[-1]
-            if running is None:
-                running = fq.new_zeros(b * h, f, e) if state1 is None else state1.reshape(b * h, f, e).clone()
-            out_s = v1.new_empty(b, h, n, e - 1)
-            causal_linear_recurrent(fq.reshape(b * h, n, f), fk.reshape(b * h, n, f), v1.reshape(b * h, n, e),
-                                    running, chunk_size=chunk_size, eps=eps, out=out_s.view(b * h, n, e - 1))
-            outs.append(out_s)
-            continue
         outs.append(_causal_chunked(fq, fk, v1, chunk_size, state1, eps))
         if len(outs) * seg < t_q:
             step = torch.matmul(fk.transpose(-1, -2), v1)  # this segment's keys, for the segments after it
@@ -173,20 +166,21 @@ def causal_linear_recurrent(fq, fk, v1, state1, *, chunk_size, eps, out):
     return out
 
 
-def mapped_linear_inference(q, k, v, *, mask, causal, phi_q, phi_k, eps, chunk_size, rows):
+def mapped_linear_inference(q, k, v, *, mask, causal, phi_q, phi_k, eps, chunk_size, rows, state1=None):
     """Linear attention without autograd for a variant whose queries and keys have maps of their own (``phi_q``,
     ``phi_k``: ``[B, H, n, D] -> [B, H, n, F]``, applied to ``rows`` tokens at a time, so the features of the whole
     sequence never exist; fresh ``[T, F]`` buffers are mmaps that fault in on every call). Bidirectional:
     ``S = sum_j phi_k(k_j)^T v_j`` and ``z = sum_j phi_k(k_j)`` over slices of keys (padded keys zeroed), then
     ``phi_q(q) [S, z]`` per slice of queries. Causal (``T_q = T_k``): segment after segment through
-    :func:`causal_linear_recurrent`, the running state carried over. Returns ``[B, H, T_q, D_v]`` in float32 for
-    half-precision values. Used by ``performer`` and ``hedgehog``."""
+    :func:`causal_linear_recurrent`, the running state carried over, starting from ``state1`` ``[B, H, F, D_v + 1]``
+    (the sums of earlier keys, e.g. a decoder's past; not modified) when given. Returns ``[B, H, T_q, D_v]`` in
+    float32 for half-precision values. Used by :func:`linear_attention`, ``performer`` and ``hedgehog``."""
     b, h, t_q, _ = q.shape
     t_k, d_v = k.shape[-2], v.shape[-1]
     work = torch.float32 if v.dtype in LOW_PRECISION else v.dtype
     out = q.new_empty(b, h, t_q, d_v, dtype=work)
     if causal:
-        state1 = None
+        state1 = None if state1 is None else state1.reshape(b * h, *state1.shape[-2:]).clone()
         for s in range(0, t_q, rows):
             fq = phi_q(q[..., s:s + rows, :])
             n, f = fq.shape[-2], fq.shape[-1]
@@ -213,7 +207,7 @@ def mapped_linear_inference(q, k, v, *, mask, causal, phi_q, phi_k, eps, chunk_s
         fq = phi_q(q[..., s:s + rows, :])
         n, f = fq.shape[-2], fq.shape[-1]
         o1 = torch.bmm(fq.reshape(b * h, n, f), s1)
-        out[..., s:s + n, :] = o1[..., :-1].div_(o1[..., -1:].clamp_min(eps)).view(b, h, n, d_v)
+        out[..., s:s + n, :] = _normalise(o1, eps).view(b, h, n, d_v)
     return out
 
 

@@ -18,7 +18,7 @@ from ..errors import InvalidParameterError
 from ..ops import linear as linear_ops
 from ..ops.feature_maps import HedgehogFeatureMap, hedgehog_features
 from ..ops import naive
-from ..ops.common import padding_or_none
+from ..ops.common import autograd_records, padding_or_none
 from ..registry import VariantParams, check_float, check_int, register_variant
 from ._kernelized import kernel_flops
 
@@ -76,8 +76,7 @@ def _forward(q, k, v, *, mask, causal, scaling, params, dropout=0.0, training=Fa
     it, once over the sequence, then the linear kernels (which carry their own backward)."""
     _check(map_q, map_k)
     t_q, t_k = q.shape[-2], k.shape[-2]
-    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, map_q, map_k))
-    if not grad and 0 not in q.shape and 0 not in k.shape and (not causal or t_q == t_k):
+    if not any(autograd_records(x) for x in (q, k, v, map_q, map_k)) and 0 not in q.shape and 0 not in k.shape and (not causal or t_q == t_k):
         b, h = q.shape[:2]
         rows = max(params.chunk_size, SEGMENT_BYTES // (4 * b * h * 2 * map_q.shape[-1]))
         out = linear_ops.mapped_linear_inference(

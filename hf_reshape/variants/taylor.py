@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..ops import linear as linear_ops
-from ..ops.common import LOW_PRECISION, padding_or_none
+from ..ops.common import LOW_PRECISION, autograd_records, padding_or_none
 from ..ops.feature_maps import (taylor_diagonal_features, taylor_features, taylor_features_into, taylor_output_dim,
                                 taylor_unit)
 from ..registry import VariantParams, check_float, check_int, register_variant
@@ -69,8 +69,7 @@ def _forward(q, k, v, *, mask, causal, scaling, params, dropout=0.0, training=Fa
     reused feature buffer."""
     root = math.sqrt(scaling)
     t_q, t_k = q.shape[-2], k.shape[-2]
-    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-    if not grad and 0 not in q.shape and 0 not in k.shape and (not causal or t_q == t_k):
+    if not any(autograd_records(x) for x in (q, k, v)) and 0 not in q.shape and 0 not in k.shape and (not causal or t_q == t_k):
         work = torch.float32 if v.dtype in LOW_PRECISION else v.dtype
         u_q, u_k, v_w = (q.to(work) * root), (k.to(work) * root), v.to(work)
         run = _causal if causal else _bidirectional
@@ -115,20 +114,20 @@ def _key_sums(fk: torch.Tensor, v: torch.Tensor, m: torch.Tensor | None, s: torc
     65-wide one, and unpadded the sum over keys is a reduction, not a product (measured 241 against 292 ms per
     8,192 rows)."""
     bh, f, n = fk.shape
-    b = 1 if m is None else m.shape[0]
     if m is None:
         s.baddbmm_(fk, v.reshape(bh, n, -1))
         z.add_(fk.sum(-1, keepdim=True))
         return
+    b = m.shape[0]
     mv = m[:, None, :, None].to(v.dtype)  # [B, 1, n, 1]
     s.baddbmm_(fk, (v * mv).reshape(bh, n, -1))
     z.baddbmm_(fk, mv.expand(b, bh // b, n, 1).reshape(bh, n, 1))
 
 
 def _normalised_into(out: torch.Tensor, o1: torch.Tensor, eps: float) -> None:
-    """``out = num / max(den, eps)`` from the fused ``[BH, n, D_v + 1]`` sums (a zero denominator gives zeros)."""
-    b, h, n, d_v = out.shape
-    out.copy_(o1[..., :d_v].div_(o1[..., d_v:].clamp_min(eps)).view(b, h, n, d_v))
+    """``out`` ``[B, H, n, D_v]`` ``= num / max(den, eps)`` from the fused ``[BH, n, D_v + 1]`` sums
+    (:func:`hf_reshape.ops.linear._normalise`: a zero denominator gives zeros)."""
+    out.copy_(linear_ops._normalise(o1, eps).view(out.shape))
 
 
 def _bidirectional(u_q, u_k, v, mask, eps):
